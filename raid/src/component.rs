@@ -1,0 +1,372 @@
+//! A component: the part of one volume stored on one device, as a sparse file.
+//!
+//! A component turns byte-range requests into engine operations: it loops over short reads
+//! and writes, chooses between the `O_DIRECT` descriptor and the page-cache descriptor, and
+//! maps TRIM / WRITE_ZEROES onto `fallocate`. Allocation status comes from
+//! `SEEK_DATA`/`SEEK_HOLE`.
+//!
+//! Cache modes:
+//! - `writeback`: page cache; FLUSH is `fdatasync`, FUA is `RWF_DSYNC`.
+//! - `none`: `O_DIRECT` for requests aligned to [`DIRECT_ALIGN`]; anything else goes through a
+//!   second, buffered descriptor of the same file. Linux writes back and invalidates the page
+//!   cache around direct I/O, and a direct request's 4 KiB pages are exactly its byte range, so
+//!   the two paths never hand out stale data for non-overlapping requests (overlapping
+//!   in-flight requests have no defined order in NBD anyway). Where the filesystem refuses
+//!   `O_DIRECT` (tmpfs), the component falls back to the page cache and says so.
+
+#![forbid(unsafe_code)]
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nix::unistd::Whence;
+
+use crate::buf::IoBuf;
+use crate::engine::{DeviceEngine, Op, OpKind};
+
+/// Alignment (offset, length, memory) for the `O_DIRECT` path.
+pub const DIRECT_ALIGN: u64 = 4096;
+
+/// How a component uses the page cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheMode {
+    /// `O_DIRECT`: no page cache; predictable memory use, what VM disks usually want.
+    None,
+    /// Page cache: fastest for small and unaligned I/O; durability still comes from FLUSH/FUA.
+    #[default]
+    Writeback,
+}
+
+impl std::fmt::Display for CacheMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CacheMode::None => "none",
+            CacheMode::Writeback => "writeback",
+        })
+    }
+}
+
+impl std::str::FromStr for CacheMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(CacheMode::None),
+            "writeback" => Ok(CacheMode::Writeback),
+            other => Err(format!(
+                "unknown cache mode {other:?}: expected \"none\" or \"writeback\""
+            )),
+        }
+    }
+}
+
+/// Allocation state of a byte range, from the file's holes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub len: u64,
+    /// True for a hole: unallocated and reads as zeros.
+    pub hole: bool,
+}
+
+const FALLOC_PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+const FALLOC_ZERO: i32 = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+
+/// One open component file.
+#[derive(Debug)]
+pub struct Component {
+    engine: DeviceEngine,
+    path: PathBuf,
+    buffered: Arc<File>,
+    direct: Option<Arc<File>>,
+    cache: CacheMode,
+}
+
+impl Component {
+    /// Creates a new sparse component file of `size_bytes`; fails if it exists.
+    pub fn create(path: &Path, size_bytes: u64) -> io::Result<()> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        file.set_len(size_bytes)?;
+        file.sync_all()
+    }
+
+    /// Opens an existing component file.
+    pub fn open(engine: DeviceEngine, path: &Path, cache: CacheMode) -> io::Result<Component> {
+        let buffered = OpenOptions::new().read(true).write(true).open(path)?;
+        let direct = match cache {
+            CacheMode::Writeback => None,
+            CacheMode::None => match OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(path)
+            {
+                Ok(file) => Some(Arc::new(file)),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::warn!(path = %path.display(),
+                        "filesystem refuses O_DIRECT; cache=none falls back to the page cache");
+                    None
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        Ok(Component {
+            engine,
+            path: path.to_path_buf(),
+            buffered: Arc::new(buffered),
+            direct,
+            cache,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn cache(&self) -> CacheMode {
+        self.cache
+    }
+
+    /// True when `O_DIRECT` is in use for aligned requests.
+    pub fn is_direct(&self) -> bool {
+        self.direct.is_some()
+    }
+
+    fn file_for(&self, offset: u64, len: usize) -> &Arc<File> {
+        match &self.direct {
+            Some(direct) if offset % DIRECT_ALIGN == 0 && (len as u64) % DIRECT_ALIGN == 0 => {
+                direct
+            }
+            _ => &self.buffered,
+        }
+    }
+
+    /// Reads `buf.len()` bytes at `offset`. Bytes past the end of the file read as zeros.
+    pub async fn read(&self, offset: u64, buf: IoBuf) -> (IoBuf, io::Result<()>) {
+        let len = buf.len();
+        let file = self.file_for(offset, len);
+        let mut buf = Some(buf);
+        let mut done = 0usize;
+        while done < len {
+            let op = Op {
+                file: Arc::clone(file),
+                kind: OpKind::Read {
+                    offset: offset + done as u64,
+                    buf_start: done,
+                    len: len - done,
+                },
+                buf: buf.take(),
+            };
+            let completion = self.engine.submit(op).await;
+            let Some(b) = completion.buf else {
+                return (IoBuf::with_len(len), Err(lost_buffer(completion.result)));
+            };
+            buf = Some(b);
+            match completion.result {
+                Ok(0) => {
+                    if let Some(b) = buf.as_mut() {
+                        b.as_mut_slice()[done..].fill(0);
+                    }
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return (buf.unwrap_or_else(|| IoBuf::with_len(len)), Err(e)),
+            }
+        }
+        (buf.unwrap_or_else(|| IoBuf::with_len(len)), Ok(()))
+    }
+
+    /// Writes `buf` at `offset`; with `fua` the data is durable when this returns.
+    pub async fn write(&self, offset: u64, buf: IoBuf, fua: bool) -> (IoBuf, io::Result<()>) {
+        let len = buf.len();
+        let file = self.file_for(offset, len);
+        let mut buf = Some(buf);
+        let mut done = 0usize;
+        while done < len {
+            let op = Op {
+                file: Arc::clone(file),
+                kind: OpKind::Write {
+                    offset: offset + done as u64,
+                    buf_start: done,
+                    len: len - done,
+                    dsync: fua,
+                },
+                buf: buf.take(),
+            };
+            let completion = self.engine.submit(op).await;
+            let Some(b) = completion.buf else {
+                return (IoBuf::with_len(len), Err(lost_buffer(completion.result)));
+            };
+            buf = Some(b);
+            match completion.result {
+                Ok(0) => {
+                    let e = io::Error::new(io::ErrorKind::WriteZero, "device accepted no bytes");
+                    return (buf.unwrap_or_else(|| IoBuf::with_len(len)), Err(e));
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return (buf.unwrap_or_else(|| IoBuf::with_len(len)), Err(e)),
+            }
+        }
+        (buf.unwrap_or_else(|| IoBuf::with_len(len)), Ok(()))
+    }
+
+    /// Makes every completed write durable (`fdatasync`).
+    pub async fn flush(&self) -> io::Result<()> {
+        let done = self
+            .engine
+            .submit(Op {
+                file: Arc::clone(&self.buffered),
+                kind: OpKind::Fdatasync,
+                buf: None,
+            })
+            .await;
+        done.result.map(|_| ())
+    }
+
+    async fn fallocate(&self, offset: u64, len: u64, mode: i32) -> io::Result<()> {
+        let done = self
+            .engine
+            .submit(Op {
+                file: Arc::clone(&self.buffered),
+                kind: OpKind::Fallocate { offset, len, mode },
+                buf: None,
+            })
+            .await;
+        done.result.map(|_| ())
+    }
+
+    /// Deallocates a range; it then reads as zeros.
+    pub async fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.fallocate(offset, len, FALLOC_PUNCH).await
+    }
+
+    /// Zeroes a range keeping it allocated. Returns `Unsupported` where the filesystem has no
+    /// cheap way to do that, so the caller can decide whether to write zeros instead.
+    pub async fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        match self.fallocate(offset, len, FALLOC_ZERO).await {
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "filesystem cannot zero a range in place",
+            )),
+            other => other,
+        }
+    }
+
+    /// Hints that a range will be read soon.
+    pub async fn readahead(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.direct.is_some() {
+            return Ok(());
+        }
+        let file = Arc::clone(&self.buffered);
+        blocking(move || {
+            let offset = i64::try_from(offset).map_err(|_| einval())?;
+            let len = i64::try_from(len).map_err(|_| einval())?;
+            nix::fcntl::posix_fadvise(
+                file.as_raw_fd(),
+                offset,
+                len,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+            )
+            .map_err(io::Error::from)
+        })
+        .await
+    }
+
+    /// Allocation map of `[offset, offset + len)`, at most `max_extents` entries, covering a
+    /// prefix of the range (all of it unless the cap was hit). Adjacent equal extents merge.
+    pub async fn extents(
+        &self,
+        offset: u64,
+        len: u64,
+        max_extents: usize,
+    ) -> io::Result<Vec<Extent>> {
+        let file = Arc::clone(&self.buffered);
+        blocking(move || extents_blocking(&file, offset, len, max_extents)).await
+    }
+
+    /// Changes the file's size (used to grow a volume).
+    pub async fn set_len(&self, size_bytes: u64) -> io::Result<()> {
+        let file = Arc::clone(&self.buffered);
+        blocking(move || {
+            file.set_len(size_bytes)?;
+            file.sync_all()
+        })
+        .await
+    }
+
+    /// Bytes the filesystem has allocated to the file.
+    pub fn allocated_bytes(&self) -> io::Result<u64> {
+        Ok(self.buffered.metadata()?.blocks() * 512)
+    }
+}
+
+fn extents_blocking(
+    file: &File,
+    offset: u64,
+    len: u64,
+    max_extents: usize,
+) -> io::Result<Vec<Extent>> {
+    let end = offset.checked_add(len).ok_or_else(einval)?;
+    let mut out: Vec<Extent> = Vec::new();
+    let mut pos = offset;
+    while pos < end && out.len() < max_extents.max(1) {
+        let data = seek(file, pos, Whence::SeekData)?;
+        let (hole, next) = match data {
+            // No data at or after `pos`: the rest is a hole.
+            None => (true, end),
+            Some(d) if d > pos => (true, d.min(end)),
+            Some(_) => (
+                false,
+                seek(file, pos, Whence::SeekHole)?.unwrap_or(end).min(end),
+            ),
+        };
+        if next <= pos {
+            // Defensive: a filesystem answering backwards would loop forever.
+            return Err(io::Error::other("SEEK_DATA/SEEK_HOLE did not advance"));
+        }
+        let len = next - pos;
+        match out.last_mut() {
+            Some(last) if last.hole == hole => last.len += len,
+            _ => out.push(Extent { len, hole }),
+        }
+        pos = next;
+    }
+    Ok(out)
+}
+
+/// `lseek` with `SEEK_DATA`/`SEEK_HOLE`; `None` when there is no such position (ENXIO).
+fn seek(file: &File, pos: u64, whence: Whence) -> io::Result<Option<u64>> {
+    let pos = i64::try_from(pos).map_err(|_| einval())?;
+    match nix::unistd::lseek(file.as_raw_fd(), pos, whence) {
+        Ok(at) => Ok(u64::try_from(at).ok()),
+        Err(nix::errno::Errno::ENXIO) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(format!("blocking task failed: {e}"))))
+}
+
+fn einval() -> io::Error {
+    io::Error::from_raw_os_error(libc::EINVAL)
+}
+
+fn lost_buffer(result: io::Result<usize>) -> io::Error {
+    match result {
+        Err(e) => e,
+        Ok(_) => io::Error::other("engine returned a data operation without its buffer"),
+    }
+}

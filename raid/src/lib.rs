@@ -1,0 +1,17 @@
+//! `raid`: the storage engine of one blockd node.
+//!
+//! - [`buf`]: aligned, pooled I/O buffers (valid for `O_DIRECT`).
+//! - [`engine`]: the device engine, io_uring on its own thread with a pread/pwrite fallback
+//!   behind the same interface.
+//! - [`component`]: one volume's sparse file on one device, on top of the engine.
+//!
+//! This crate knows nothing of NBD or of the catalog. Unsafe code lives only in `buf` and
+//! `engine`, each block with a `// SAFETY:` comment.
+
+pub mod buf;
+pub mod component;
+pub mod engine;
+
+pub use buf::IoBuf;
+pub use component::{CacheMode, Component, Extent};
+pub use engine::{DeviceEngine, EngineKind, EnginePreference};
