@@ -1,0 +1,249 @@
+//! An open volume: its layout resolved onto components, and the operations a gateway calls.
+//!
+//! Offsets and lengths reaching these methods have already been checked against the volume
+//! size by the caller (the NBD session validates at the edge); they are checked again here
+//! with `checked_add` so a caller bug becomes `EINVAL`, never an out-of-range write.
+//!
+//! A plain layout maps volume byte `x` to byte `x` of its only component. Mirror and parity
+//! layouts will resolve ranges to several components here, invisible to the gateway.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use raid::{CacheMode, Component, Extent, IoBuf};
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::Layout;
+
+/// Largest buffer used to write zeros where the filesystem cannot zero a range in place.
+const ZERO_CHUNK_BYTES: u64 = 1 << 20;
+
+#[derive(Debug)]
+pub struct Volume {
+    id: u64,
+    name: String,
+    size_bytes: AtomicU64,
+    read_only: bool,
+    layout: Layout,
+    component: Component,
+    connections: AtomicUsize,
+    /// Cancelled when the volume is deleted with `--force`: sessions end.
+    closed: CancellationToken,
+    /// Served from a file named on the command line, not recorded in the catalog.
+    ephemeral: bool,
+}
+
+/// Held by each connected session; counts connections for `volume delete` and `show`.
+#[derive(Debug)]
+pub struct Attachment {
+    volume: Arc<Volume>,
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        self.volume.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Attachment {
+    pub fn volume(&self) -> &Arc<Volume> {
+        &self.volume
+    }
+}
+
+fn einval(why: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, why.to_string())
+}
+
+impl Volume {
+    pub(crate) fn new(
+        id: u64,
+        name: String,
+        size_bytes: u64,
+        read_only: bool,
+        layout: Layout,
+        component: Component,
+        ephemeral: bool,
+    ) -> Volume {
+        Volume {
+            id,
+            name,
+            size_bytes: AtomicU64::new(size_bytes),
+            read_only,
+            layout,
+            component,
+            connections: AtomicUsize::new(0),
+            closed: CancellationToken::new(),
+            ephemeral,
+        }
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn size_bytes(&self) -> u64 {
+        self.size_bytes.load(Ordering::Acquire)
+    }
+    pub(crate) fn set_size_bytes(&self, size: u64) {
+        self.size_bytes.store(size, Ordering::Release);
+    }
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+    pub fn cache(&self) -> CacheMode {
+        self.component.cache()
+    }
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+    pub fn ephemeral(&self) -> bool {
+        self.ephemeral
+    }
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Acquire)
+    }
+    pub(crate) fn component(&self) -> &Component {
+        &self.component
+    }
+    pub fn allocated_bytes(&self) -> u64 {
+        self.component.allocated_bytes().unwrap_or(0)
+    }
+    /// Resolves when the volume is force-deleted.
+    pub fn closed(&self) -> CancellationToken {
+        self.closed.clone()
+    }
+    pub(crate) fn close(&self) {
+        self.closed.cancel();
+    }
+
+    /// Registers a connected client.
+    pub fn attach(self: &Arc<Self>) -> Attachment {
+        self.connections.fetch_add(1, Ordering::AcqRel);
+        Attachment {
+            volume: Arc::clone(self),
+        }
+    }
+
+    fn check(&self, offset: u64, len: u64) -> io::Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size_bytes() => Ok(()),
+            _ => Err(einval("range beyond the end of the volume")),
+        }
+    }
+
+    fn check_writable(&self) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::from_raw_os_error(libc::EROFS));
+        }
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub async fn read(&self, offset: u64, buf: IoBuf) -> (IoBuf, io::Result<()>) {
+        if let Err(e) = self.check(offset, buf.len() as u64) {
+            return (buf, Err(e));
+        }
+        match self.layout {
+            Layout::Plain => self.component.read(offset, buf).await,
+        }
+    }
+
+    /// Writes `buf` at `offset`; durable on return when `fua`.
+    pub async fn write(&self, offset: u64, buf: IoBuf, fua: bool) -> (IoBuf, io::Result<()>) {
+        if let Err(e) = self
+            .check_writable()
+            .and_then(|()| self.check(offset, buf.len() as u64))
+        {
+            return (buf, Err(e));
+        }
+        match self.layout {
+            Layout::Plain => self.component.write(offset, buf, fua).await,
+        }
+    }
+
+    /// Makes every write completed before this call durable, on every component.
+    pub async fn flush(&self) -> io::Result<()> {
+        match self.layout {
+            Layout::Plain => self.component.flush().await,
+        }
+    }
+
+    /// Discards a range (it reads back as zeros afterwards).
+    pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        self.check_writable()?;
+        self.check(offset, len)?;
+        self.component.punch_hole(offset, len).await?;
+        if fua {
+            self.component.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes a range. With `may_punch` the range may become a hole; with `fast_only` the call
+    /// fails with `ENOTSUP` (touching nothing) rather than fall back to writing zeros.
+    pub async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_punch: bool,
+        fast_only: bool,
+        fua: bool,
+    ) -> io::Result<()> {
+        self.check_writable()?;
+        self.check(offset, len)?;
+        let c = &self.component;
+        if may_punch {
+            c.punch_hole(offset, len).await?;
+        } else {
+            match c.zero_range(offset, len).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+                    if fast_only {
+                        return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+                    }
+                    self.write_zero_buffers(offset, len).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if fua {
+            c.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn write_zero_buffers(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(ZERO_CHUNK_BYTES);
+            let (_, res) = self
+                .component
+                .write(offset + done, IoBuf::zeroed(n as usize), false)
+                .await;
+            res?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Prefetch hint.
+    pub async fn cache_hint(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check(offset, len)?;
+        self.component.readahead(offset, len).await
+    }
+
+    /// Allocation map of a prefix of `[offset, offset + len)`, at most `max_extents` entries.
+    pub async fn extents(
+        &self,
+        offset: u64,
+        len: u64,
+        max_extents: usize,
+    ) -> io::Result<Vec<Extent>> {
+        self.check(offset, len)?;
+        self.component.extents(offset, len, max_extents).await
+    }
+}
