@@ -1,0 +1,47 @@
+//! Every limit of the NBD server, in one place, with its reason.
+
+use std::time::Duration;
+
+/// Largest READ/WRITE payload (32 MiB): what the spec says every client may assume and what
+/// qemu caps itself at; advertised as the maximum in `NBD_INFO_BLOCK_SIZE`.
+pub const PAYLOAD_MAX_BYTES: u32 = 32 << 20;
+/// Smallest I/O unit (advertised minimum block size): a sector, which every client honours
+/// (the Linux kernel uses 512 by default). Unaligned requests get `EINVAL`.
+pub const BLOCK_MIN_BYTES: u32 = 512;
+/// Preferred I/O unit: the page size, which avoids read-modify-write in the page cache and
+/// is the `O_DIRECT` alignment.
+pub const BLOCK_PREFERRED_BYTES: u32 = 4096;
+/// An oversized WRITE up to this size is read and dropped so the session stays in sync; a
+/// bigger one is a broken or hostile client and ends the session (nbdkit draws the same line).
+pub const DRAIN_MAX_BYTES: u64 = 2 * PAYLOAD_MAX_BYTES as u64;
+/// Largest option payload accepted in the handshake. The biggest legitimate option is
+/// SET_META_CONTEXT with a few 4 KiB names; 64 KiB leaves room and bounds the allocation.
+pub const OPTION_MAX_BYTES: u32 = 64 << 10;
+/// Options per handshake. Real clients send fewer than ten; a longer loop is a DoS.
+pub const OPTIONS_MAX: usize = 64;
+/// Strings (export names, meta context queries): the spec's MUST limit.
+pub const STRING_MAX_BYTES: usize = 4096;
+/// Meta context queries in one option.
+pub const META_QUERIES_MAX: usize = 128;
+/// A client must finish the handshake within this time (CVE-2024-7409 class of DoS).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Requests in flight on one connection; the reader stops reading (back-pressure) at the
+/// cap. The kernel client queues 128 per socket, nbdcopy 64.
+pub const INFLIGHT_MAX: usize = 128;
+/// Payload bytes in flight on one connection (read buffers and write payloads).
+pub const INFLIGHT_BYTES_MAX: usize = 128 << 20;
+/// Default cap on concurrent client connections (configurable with `--max-connections`).
+pub const CONNECTIONS_DEFAULT_MAX: usize = 256;
+/// Extents in one BLOCK_STATUS reply: clients re-query for the rest; keeps replies small.
+pub const EXTENTS_MAX: usize = 1024;
+/// How long a shutdown waits for sessions to finish their in-flight requests.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Socket read buffer: many small request headers per `read(2)` at high queue depth.
+pub const READ_BUFFER_BYTES: usize = 256 << 10;
+/// Replies are batched into one `write(2)` up to this size; larger payloads go on their own.
+pub const WRITE_BATCH_BYTES: usize = 256 << 10;
+
+const _: () = assert!(PAYLOAD_MAX_BYTES as usize <= INFLIGHT_BYTES_MAX);
+const _: () = assert!(PAYLOAD_MAX_BYTES as usize <= raid::buf::MAX_POOLED_BYTES);
+const _: () = assert!(BLOCK_PREFERRED_BYTES % BLOCK_MIN_BYTES == 0);
+const _: () = assert!(OPTION_MAX_BYTES as usize >= 2 * STRING_MAX_BYTES + 16);

@@ -1,0 +1,378 @@
+//! Wiring: start-up, listeners, connection handling and clean shutdown.
+//!
+//! Start-up takes an exclusive lock on the data directory, opens the catalog (a corrupt one
+//! stops start-up with its reason), creates `--volume`s, and binds the NBD TCP listener(s),
+//! the NBD Unix socket (`nbd.sock`) and the admin socket (`admin.sock`, mode 0600).
+//!
+//! Shutdown on SIGINT/SIGTERM: stop accepting; sessions stop reading new requests, finish and
+//! answer the ones in flight, and close (bounded by [`SHUTDOWN_GRACE`]); then every volume
+//! is flushed and the process exits 0.
+
+use std::fs::{File, OpenOptions};
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use metrics_exporter_prometheus::PrometheusBuilder;
+use raid::{DeviceEngine, EnginePreference};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use volmgr::catalog::LocalFileStore;
+use volmgr::{ManagerConfig, VolumeManager};
+
+use crate::admin::{self, AdminState};
+use crate::config::{Config, EngineArg};
+use crate::metrics as m;
+use crate::nbd::limits::{HANDSHAKE_TIMEOUT, SHUTDOWN_GRACE};
+use crate::nbd::{handshake, session};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("{0}")]
+    Volume(#[from] volmgr::Error),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Config(String),
+    #[error("engine: {0}")]
+    Engine(#[from] raid::engine::EngineError),
+}
+
+fn io_ctx(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StartupError {
+    let context = context.into();
+    move |source| StartupError::Io { context, source }
+}
+
+/// Runs the daemon until SIGINT/SIGTERM.
+pub fn run(config: Config) -> Result<(), StartupError> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log))
+        .map_err(|e| StartupError::Config(format!("--log {:?}: {e}", config.log)))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all().thread_name("blockd");
+    if config.threads > 0 {
+        builder.worker_threads(config.threads);
+    }
+    let runtime = builder
+        .build()
+        .map_err(io_ctx("cannot start the async runtime"))?;
+    runtime.block_on(serve(config))
+}
+
+fn lock_data_dir(dir: &Path) -> Result<File, StartupError> {
+    std::fs::create_dir_all(dir).map_err(io_ctx(format!(
+        "cannot create data directory {}",
+        dir.display()
+    )))?;
+    let path = dir.join("lock");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_ctx(format!("cannot open {}", path.display())))?;
+    // flock via std (stable since 1.89): released when the process exits, however it exits.
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StartupError::Config(format!(
+            "data directory {} is in use by another blockd (lock held on {})",
+            dir.display(),
+            path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(io_ctx(format!("cannot lock {}", path.display()))(e))
+        }
+    }
+}
+
+fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, StartupError> {
+    // The data directory lock is held, so a socket file left here is stale.
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_ctx(format!("cannot remove stale {}", path.display()))(e)),
+    }
+    let listener =
+        UnixListener::bind(path).map_err(io_ctx(format!("cannot bind {}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(io_ctx(format!("cannot chmod {}", path.display())))?;
+    Ok(listener)
+}
+
+async fn serve(config: Config) -> Result<(), StartupError> {
+    let started = Instant::now();
+    let data_dir = config.data_dir.clone();
+    let _lock = lock_data_dir(&data_dir)?;
+    let prometheus = PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| StartupError::Config(format!("metrics recorder: {e}")))?;
+
+    let preference = match config.engine {
+        EngineArg::Auto => EnginePreference::Auto,
+        EngineArg::Uring => EnginePreference::Uring,
+        EngineArg::Sync => EnginePreference::Sync,
+    };
+    let engine = DeviceEngine::start("data", preference)?;
+    let default_volume = config
+        .default_volume
+        .clone()
+        .or_else(|| config.file.as_ref().map(|_| config.file_name.clone()));
+    let mgr_config = ManagerConfig {
+        data_dir: data_dir.clone(),
+        default_cache: config.cache.into(),
+        default_volume,
+    };
+    let store = Arc::new(LocalFileStore::new(&data_dir));
+    let mgr = Arc::new(VolumeManager::open(mgr_config, store, engine)?);
+
+    for spec in &config.volumes {
+        let (name, size) = spec.split_once('=').ok_or_else(|| {
+            StartupError::Config(format!(
+                "--volume {spec:?}: expected NAME=SIZE, e.g. disk0=10G"
+            ))
+        })?;
+        let size = volmgr::size::parse_size(size)
+            .map_err(|e| StartupError::Config(format!("--volume {spec:?}: {e}")))?;
+        match mgr.lookup(name).filter(|_| !name.is_empty()) {
+            Some(v) if v.size_bytes() != size => {
+                tracing::warn!(
+                    volume = name,
+                    size = v.size_bytes(),
+                    requested = size,
+                    "volume exists with another size; keeping it as it is"
+                )
+            }
+            Some(_) => {}
+            None => {
+                mgr.create(name, size, false, None).await?;
+                tracing::info!(volume = name, size, "volume created");
+            }
+        }
+    }
+    if let Some(path) = &config.file {
+        mgr.add_file_volume(&config.file_name, path, config.cache.into(), false)?;
+    }
+
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let slots = Arc::new(Semaphore::new(config.max_connections));
+
+    let mut tcp_names = Vec::new();
+    if !config.no_tcp {
+        for addr in &config.listen {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(io_ctx(format!("cannot listen on {addr}")))?;
+            let local: SocketAddr = listener.local_addr().map_err(io_ctx("local_addr"))?;
+            tcp_names.push(local.to_string());
+            tracing::info!(%local, "NBD listening on TCP");
+            tracker.spawn(accept_tcp(
+                listener,
+                Arc::clone(&mgr),
+                shutdown.clone(),
+                tracker.clone(),
+                Arc::clone(&slots),
+            ));
+        }
+    }
+    let nbd_sock = data_dir.join("nbd.sock");
+    let nbd_unix = bind_unix(&nbd_sock, 0o660)?;
+    tracing::info!(path = %nbd_sock.display(), "NBD listening on Unix socket");
+    tracker.spawn(accept_unix(
+        nbd_unix,
+        Arc::clone(&mgr),
+        shutdown.clone(),
+        tracker.clone(),
+        Arc::clone(&slots),
+    ));
+
+    let admin_sock = data_dir.join("admin.sock");
+    let admin_listener = bind_unix(&admin_sock, 0o600)?;
+    let state = AdminState {
+        mgr: Arc::clone(&mgr),
+        prometheus,
+        started,
+        nbd_tcp: tcp_names,
+        nbd_unix: nbd_sock.display().to_string(),
+    };
+    let admin_stop = shutdown.clone();
+    let admin_task = tokio::spawn(async move {
+        let server = axum::serve(admin_listener, admin::router(state))
+            .with_graceful_shutdown(async move { admin_stop.cancelled().await });
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "admin API stopped");
+        }
+    });
+    tracing::info!(path = %admin_sock.display(), volumes = mgr.list().len(), engine = %mgr.engine().kind(), "blockd ready");
+
+    wait_for_signal().await;
+    tracing::info!("shutting down: finishing in-flight requests");
+    shutdown.cancel();
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("sessions did not finish within {SHUTDOWN_GRACE:?}; exiting anyway");
+    }
+    let _ = admin_task.await;
+    let mut failed = false;
+    for (volume, e) in mgr.flush_all().await {
+        tracing::error!(%volume, error = %e, "flush at shutdown failed");
+        failed = true;
+    }
+    for path in [&nbd_sock, &admin_sock] {
+        let _ = std::fs::remove_file(path);
+    }
+    if failed {
+        return Err(StartupError::Config(
+            "flush at shutdown failed; see the log".into(),
+        ));
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn accept_tcp(
+    listener: TcpListener,
+    mgr: Arc<VolumeManager>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    slots: Arc<Semaphore>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                    m::connection_refused();
+                    tracing::warn!(%peer, "connection limit reached; refusing");
+                    continue;
+                };
+                let (r, w) = stream.into_split();
+                let (mgr, stop) = (Arc::clone(&mgr), shutdown.clone());
+                tracker.spawn(async move {
+                    connection(r, w, mgr, stop, peer.to_string()).await;
+                    drop(slot);
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn accept_unix(
+    listener: UnixListener,
+    mgr: Arc<VolumeManager>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    slots: Arc<Semaphore>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                    m::connection_refused();
+                    tracing::warn!("connection limit reached; refusing a Unix-socket client");
+                    continue;
+                };
+                let (r, w) = stream.into_split();
+                let (mgr, stop) = (Arc::clone(&mgr), shutdown.clone());
+                tracker.spawn(async move {
+                    connection(r, w, mgr, stop, "unix".into()).await;
+                    drop(slot);
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn connection<R, W>(
+    mut r: R,
+    mut w: W,
+    mgr: Arc<VolumeManager>,
+    stop: CancellationToken,
+    peer: String,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let t0 = Instant::now();
+    let negotiated = tokio::select! {
+        _ = stop.cancelled() => return,
+        res = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake::negotiate(&mut r, &mut w, &mgr, false)) => res,
+    };
+    let neg = match negotiated {
+        Ok(Ok(Some(neg))) => {
+            m::handshake(t0.elapsed(), true);
+            neg
+        }
+        Ok(Ok(None)) => {
+            m::handshake(t0.elapsed(), true);
+            return;
+        }
+        Ok(Err(e)) => {
+            m::handshake(t0.elapsed(), false);
+            tracing::debug!(%peer, error = %e, "handshake failed");
+            return;
+        }
+        Err(_) => {
+            m::handshake(t0.elapsed(), false);
+            tracing::info!(%peer, "handshake timed out after {HANDSHAKE_TIMEOUT:?}");
+            return;
+        }
+    };
+    let name = neg.volume.name().to_string();
+    tracing::debug!(%peer, volume = %name, structured = neg.structured, extended = neg.extended, "session started");
+    m::connection_opened(&name);
+    let metrics = Arc::new(m::SessionMetrics::new(&name));
+    let end = session::run(r, w, neg, stop, metrics).await;
+    m::connection_closed(&name);
+    match end {
+        session::End::Framing(e) => {
+            tracing::info!(%peer, volume = %name, error = %e, "session ended on a framing error")
+        }
+        other => tracing::debug!(%peer, volume = %name, end = ?other, "session ended"),
+    }
+}
