@@ -77,6 +77,12 @@ impl SessionMetrics {
     }
 }
 
+/// A session entered transmission; `mode` is the reply format negotiated
+/// (`simple`, `structured` or `extended`).
+pub fn session_started(mode: &'static str) {
+    counter!("blockd_nbd_sessions_total", "mode" => mode).increment(1);
+}
+
 pub fn connection_opened(volume: &str) {
     gauge!("blockd_nbd_connections", "volume" => volume.to_string()).increment(1.0);
 }

@@ -365,6 +365,11 @@ async fn connection<R, W>(
     };
     let name = neg.volume.name().to_string();
     tracing::debug!(%peer, volume = %name, structured = neg.structured, extended = neg.extended, "session started");
+    m::session_started(match (neg.extended, neg.structured) {
+        (true, _) => "extended",
+        (false, true) => "structured",
+        (false, false) => "simple",
+    });
     m::connection_opened(&name);
     let metrics = Arc::new(m::SessionMetrics::new(&name));
     let end = session::run(r, w, neg, stop, metrics).await;

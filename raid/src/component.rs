@@ -140,7 +140,10 @@ impl Component {
 
     fn file_for(&self, offset: u64, len: usize) -> &Arc<File> {
         match &self.direct {
-            Some(direct) if offset % DIRECT_ALIGN == 0 && (len as u64) % DIRECT_ALIGN == 0 => {
+            Some(direct)
+                if offset.is_multiple_of(DIRECT_ALIGN)
+                    && (len as u64).is_multiple_of(DIRECT_ALIGN) =>
+            {
                 direct
             }
             _ => &self.buffered,

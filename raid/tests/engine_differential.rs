@@ -3,6 +3,7 @@
 //! agree with an in-memory model, and the three files must end byte-identical.
 //!
 //! Set `BLOCKD_TEST_SEED` to replay a failure; the seed is printed at the start.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 
 use std::path::Path;
 

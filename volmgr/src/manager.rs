@@ -75,7 +75,7 @@ pub fn validate_size(size_bytes: u64) -> Result<(), Error> {
             "volume size must be greater than zero".into(),
         ));
     }
-    if size_bytes % SECTOR_BYTES != 0 {
+    if !size_bytes.is_multiple_of(SECTOR_BYTES) {
         return Err(Error::Invalid(format!(
             "volume size {size_bytes} is not a multiple of {SECTOR_BYTES} bytes; round it to {}",
             size_bytes.div_ceil(SECTOR_BYTES) * SECTOR_BYTES

@@ -43,5 +43,5 @@ pub const WRITE_BATCH_BYTES: usize = 256 << 10;
 
 const _: () = assert!(PAYLOAD_MAX_BYTES as usize <= INFLIGHT_BYTES_MAX);
 const _: () = assert!(PAYLOAD_MAX_BYTES as usize <= raid::buf::MAX_POOLED_BYTES);
-const _: () = assert!(BLOCK_PREFERRED_BYTES % BLOCK_MIN_BYTES == 0);
+const _: () = assert!(BLOCK_PREFERRED_BYTES.is_multiple_of(BLOCK_MIN_BYTES));
 const _: () = assert!(OPTION_MAX_BYTES as usize >= 2 * STRING_MAX_BYTES + 16);

@@ -129,7 +129,7 @@ pub fn validate(req: &Request, ex: &Export) -> Verdict {
         return fail(EINVAL, "request larger than the maximum payload");
     }
     let min = u64::from(BLOCK_MIN_BYTES);
-    if req.offset % min != 0 || req.len % min != 0 {
+    if !req.offset.is_multiple_of(min) || !req.len.is_multiple_of(min) {
         return fail(EINVAL, "not aligned to the minimum block size");
     }
     let in_range = req
