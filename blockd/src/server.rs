@@ -13,11 +13,10 @@ use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::PrometheusBuilder;
 use raid::{DeviceEngine, EnginePreference};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -28,8 +27,9 @@ use volmgr::{ManagerConfig, VolumeManager};
 use crate::admin::{self, AdminState};
 use crate::config::{Config, EngineArg};
 use crate::metrics as m;
+use crate::nbd::conn::{self, Socket};
+use crate::nbd::handshake;
 use crate::nbd::limits::{HANDSHAKE_TIMEOUT, SHUTDOWN_GRACE};
-use crate::nbd::{handshake, session};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -169,7 +169,12 @@ async fn serve(config: Config) -> Result<(), StartupError> {
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let slots = Arc::new(Semaphore::new(config.max_connections));
+    let acceptor = Acceptor {
+        mgr: Arc::clone(&mgr),
+        shutdown: shutdown.clone(),
+        tracker: tracker.clone(),
+        slots: Arc::new(Semaphore::new(config.max_connections)),
+    };
 
     let mut tcp_names = Vec::new();
     if !config.no_tcp {
@@ -180,25 +185,13 @@ async fn serve(config: Config) -> Result<(), StartupError> {
             let local: SocketAddr = listener.local_addr().map_err(io_ctx("local_addr"))?;
             tcp_names.push(local.to_string());
             tracing::info!(%local, "NBD listening on TCP");
-            tracker.spawn(accept_tcp(
-                listener,
-                Arc::clone(&mgr),
-                shutdown.clone(),
-                tracker.clone(),
-                Arc::clone(&slots),
-            ));
+            tracker.spawn(accept_tcp(listener, acceptor.clone()));
         }
     }
     let nbd_sock = data_dir.join("nbd.sock");
     let nbd_unix = bind_unix(&nbd_sock, 0o660)?;
     tracing::info!(path = %nbd_sock.display(), "NBD listening on Unix socket");
-    tracker.spawn(accept_unix(
-        nbd_unix,
-        Arc::clone(&mgr),
-        shutdown.clone(),
-        tracker.clone(),
-        Arc::clone(&slots),
-    ));
+    tracker.spawn(accept_unix(nbd_unix, acceptor));
 
     let admin_sock = data_dir.join("admin.sock");
     let admin_listener = bind_unix(&admin_sock, 0o600)?;
@@ -259,89 +252,115 @@ async fn wait_for_signal() {
     }
 }
 
-async fn accept_tcp(
-    listener: TcpListener,
+/// An accepted connection, before the handshake.
+enum Accepted {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+impl Accepted {
+    async fn negotiate(
+        &mut self,
+        mgr: &VolumeManager,
+    ) -> Result<Option<handshake::Negotiated>, handshake::HandshakeError> {
+        match self {
+            Accepted::Tcp(s) => {
+                let (mut r, mut w) = s.split();
+                handshake::negotiate(&mut r, &mut w, mgr, false).await
+            }
+            Accepted::Unix(s) => {
+                let (mut r, mut w) = s.split();
+                handshake::negotiate(&mut r, &mut w, mgr, false).await
+            }
+        }
+    }
+
+    /// The socket in blocking mode, for the connection thread.
+    fn into_blocking(self) -> std::io::Result<Socket> {
+        Ok(match self {
+            Accepted::Tcp(s) => {
+                let s = s.into_std()?;
+                s.set_nonblocking(false)?;
+                Socket::Tcp(s)
+            }
+            Accepted::Unix(s) => {
+                let s = s.into_std()?;
+                s.set_nonblocking(false)?;
+                Socket::Unix(s)
+            }
+        })
+    }
+}
+
+/// What every accepted connection needs.
+#[derive(Clone)]
+struct Acceptor {
     mgr: Arc<VolumeManager>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     slots: Arc<Semaphore>,
-) {
+}
+
+impl Acceptor {
+    /// Takes a connection slot and starts the session, or refuses at the limit.
+    fn admit(&self, conn: Accepted, peer: String) {
+        let Ok(slot) = Arc::clone(&self.slots).try_acquire_owned() else {
+            m::connection_refused();
+            tracing::warn!(%peer, "connection limit reached; refusing");
+            return;
+        };
+        let (mgr, stop) = (Arc::clone(&self.mgr), self.shutdown.clone());
+        self.tracker.spawn(async move {
+            connection(conn, mgr, stop, peer).await;
+            drop(slot);
+        });
+    }
+
+    async fn backoff(&self, e: std::io::Error) {
+        tracing::warn!(error = %e, "accept failed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn accept_tcp(listener: TcpListener, acc: Acceptor) {
     loop {
         let accepted = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = acc.shutdown.cancelled() => return,
             a = listener.accept() => a,
         };
         match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-                    m::connection_refused();
-                    tracing::warn!(%peer, "connection limit reached; refusing");
-                    continue;
-                };
-                let (r, w) = stream.into_split();
-                let (mgr, stop) = (Arc::clone(&mgr), shutdown.clone());
-                tracker.spawn(async move {
-                    connection(r, w, mgr, stop, peer.to_string()).await;
-                    drop(slot);
-                });
+                acc.admit(Accepted::Tcp(stream), peer.to_string());
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
+            Err(e) => acc.backoff(e).await,
         }
     }
 }
 
-async fn accept_unix(
-    listener: UnixListener,
-    mgr: Arc<VolumeManager>,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
-    slots: Arc<Semaphore>,
-) {
+async fn accept_unix(listener: UnixListener, acc: Acceptor) {
     loop {
         let accepted = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = acc.shutdown.cancelled() => return,
             a = listener.accept() => a,
         };
         match accepted {
-            Ok((stream, _)) => {
-                let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-                    m::connection_refused();
-                    tracing::warn!("connection limit reached; refusing a Unix-socket client");
-                    continue;
-                };
-                let (r, w) = stream.into_split();
-                let (mgr, stop) = (Arc::clone(&mgr), shutdown.clone());
-                tracker.spawn(async move {
-                    connection(r, w, mgr, stop, "unix".into()).await;
-                    drop(slot);
-                });
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
+            Ok((stream, _)) => acc.admit(Accepted::Unix(stream), "unix".into()),
+            Err(e) => acc.backoff(e).await,
         }
     }
 }
 
-async fn connection<R, W>(
-    mut r: R,
-    mut w: W,
+async fn connection(
+    mut conn: Accepted,
     mgr: Arc<VolumeManager>,
     stop: CancellationToken,
     peer: String,
-) where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
+) {
     let t0 = Instant::now();
     let negotiated = tokio::select! {
         _ = stop.cancelled() => return,
-        res = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake::negotiate(&mut r, &mut w, &mgr, false)) => res,
+        res = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.negotiate(&mgr)) => res,
     };
     let neg = match negotiated {
         Ok(Ok(Some(neg))) => {
@@ -363,7 +382,20 @@ async fn connection<R, W>(
             return;
         }
     };
-    let name = neg.volume.name().to_string();
+    let (sock, control) = match conn
+        .into_blocking()
+        .and_then(|s| s.try_clone().map(|c| (s, c)))
+    {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "cannot hand the socket to a connection thread");
+            return;
+        }
+    };
+    let volume = Arc::clone(&neg.volume);
+    let name = volume.name().to_string();
+    let _attached = volume.attach();
+    let closed = volume.closed();
     tracing::debug!(%peer, volume = %name, structured = neg.structured, extended = neg.extended, "session started");
     m::session_started(match (neg.extended, neg.structured) {
         (true, _) => "extended",
@@ -372,10 +404,27 @@ async fn connection<R, W>(
     });
     m::connection_opened(&name);
     let metrics = Arc::new(m::SessionMetrics::new(&name));
-    let end = session::run(r, w, neg, stop, metrics).await;
+    let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
+    let runtime = tokio::runtime::Handle::current();
+    let spawned = std::thread::Builder::new()
+        .name("nbd-conn".into())
+        .spawn(move || {
+            let _ = done_tx.send(conn::run(sock, neg, runtime, metrics));
+        });
+    let end = match spawned {
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "cannot start a connection thread");
+            None
+        }
+        Ok(_) => tokio::select! {
+            end = &mut done_rx => end.ok(),
+            _ = stop.cancelled() => { control.shutdown_read(); done_rx.await.ok() }
+            _ = closed.cancelled() => { control.shutdown_read(); done_rx.await.ok() }
+        },
+    };
     m::connection_closed(&name);
     match end {
-        session::End::Framing(e) => {
+        Some(conn::End::Framing(e)) => {
             tracing::info!(%peer, volume = %name, error = %e, "session ended on a framing error")
         }
         other => tracing::debug!(%peer, volume = %name, end = ?other, "session ended"),

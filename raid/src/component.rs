@@ -19,13 +19,14 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use nix::unistd::Whence;
 
 use crate::buf::IoBuf;
+use crate::engine::nowait::{self, Attempt};
 use crate::engine::{DeviceEngine, Op, OpKind};
 
 /// Alignment (offset, length, memory) for the `O_DIRECT` path.
@@ -83,6 +84,10 @@ pub struct Component {
     direct: Option<Arc<File>>,
     cache: CacheMode,
 }
+
+/// Largest request served on the caller's thread (page-cache hit or buffered write): bigger
+/// copies would hold a connection thread for too long; they go to the engine.
+pub const NOWAIT_MAX_BYTES: usize = 1 << 20;
 
 impl Component {
     /// Creates a new sparse component file of `size_bytes`; fails if it exists.
@@ -148,6 +153,36 @@ impl Component {
             }
             _ => &self.buffered,
         }
+    }
+
+    /// Tries to read from the page cache without blocking. Gives the buffer back (`Err`) when
+    /// the read would block or does not qualify (direct I/O, too large); then use [`read`].
+    ///
+    /// [`read`]: Component::read
+    pub fn try_read(&self, offset: u64, mut buf: IoBuf) -> Result<(IoBuf, io::Result<()>), IoBuf> {
+        let len = buf.len();
+        if len > NOWAIT_MAX_BYTES || !Arc::ptr_eq(self.file_for(offset, len), &self.buffered) {
+            return Err(buf);
+        }
+        match nowait::read(&self.buffered, offset, buf.as_mut_slice()) {
+            Attempt::Done(n) if n == len => Ok((buf, Ok(()))),
+            Attempt::Failed(e) => Ok((buf, Err(e))),
+            // Short (partly cached or at EOF) or would block: the engine does it properly.
+            _ => Err(buf),
+        }
+    }
+
+    /// Writes through the page cache on the calling thread (blocking `pwrite`). Only for a
+    /// thread dedicated to one connection, never an async task. Gives the buffer back
+    /// (`Err`) when the request does not qualify: direct I/O, or larger than
+    /// [`NOWAIT_MAX_BYTES`]; then use [`write`](Component::write).
+    pub fn write_now(&self, offset: u64, buf: IoBuf) -> Result<(IoBuf, io::Result<()>), IoBuf> {
+        let len = buf.len();
+        if len > NOWAIT_MAX_BYTES || !Arc::ptr_eq(self.file_for(offset, len), &self.buffered) {
+            return Err(buf);
+        }
+        let res = self.buffered.write_all_at(buf.as_slice(), offset);
+        Ok((buf, res))
     }
 
     /// Reads `buf.len()` bytes at `offset`. Bytes past the end of the file read as zeros.

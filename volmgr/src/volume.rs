@@ -152,6 +152,30 @@ impl Volume {
         }
     }
 
+    /// Non-blocking read attempt (page cache hit); `Err` gives the buffer back for [`read`].
+    ///
+    /// [`read`]: Volume::read
+    pub fn try_read(&self, offset: u64, buf: IoBuf) -> Result<(IoBuf, io::Result<()>), IoBuf> {
+        if self.check(offset, buf.len() as u64).is_err() {
+            return Err(buf);
+        }
+        match self.layout {
+            Layout::Plain => self.component.try_read(offset, buf),
+        }
+    }
+
+    /// Blocking write through the page cache on the calling thread (a connection thread,
+    /// never an async task); not durable, so not for FUA. `Err` gives the buffer back when
+    /// the request does not qualify; then use [`write`](Volume::write).
+    pub fn write_now(&self, offset: u64, buf: IoBuf) -> Result<(IoBuf, io::Result<()>), IoBuf> {
+        if self.check_writable().is_err() || self.check(offset, buf.len() as u64).is_err() {
+            return Err(buf);
+        }
+        match self.layout {
+            Layout::Plain => self.component.write_now(offset, buf),
+        }
+    }
+
     /// Writes `buf` at `offset`; durable on return when `fua`.
     pub async fn write(&self, offset: u64, buf: IoBuf, fua: bool) -> (IoBuf, io::Result<()>) {
         if let Err(e) = self

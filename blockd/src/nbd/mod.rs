@@ -1,5 +1,6 @@
 //! The NBD server: wire format, limits, negotiation and the transmission phase.
 
+pub mod conn;
 pub mod handshake;
 pub mod limits;
 pub mod session;

@@ -1,34 +1,20 @@
-//! The transmission phase of one connection.
+//! Requests: validation against the export, execution on the volume, and reply encoding.
 //!
-//! One reader (this task) decodes request headers, validates each against the export and
-//! the negotiated features ([`validate`]), reads a write's payload into a pooled buffer, and
-//! spawns the operation without waiting for it. Operations send their [`Reply`] to one writer
-//! task, which encodes replies in completion order and batches them into few `write(2)` calls.
-//!
-//! Bounds: at most [`INFLIGHT_MAX`] requests and [`INFLIGHT_BYTES_MAX`] payload bytes in
-//! flight; at the cap the reader simply stops reading. A well-framed invalid request gets an
-//! error reply (a rejected write's payload is read and dropped); only broken framing (bad
-//! magic, a short read, an absurd payload) ends the session.
-//!
-//! The session ends on DISC, EOF, a framing error, server shutdown, or force-deletion of the
-//! volume; in every case requests already read are completed and answered first.
+//! [`validate`] is pure and checks every rule of the protocol for a well-framed request
+//! (command, flags, negotiated features, zero length, alignment, range, read-only) before
+//! anything touches the volume; it also says how many payload bytes a rejected request
+//! leaves to drain. [`execute`] runs a valid request on the engine. [`Encoder`] writes the
+//! reply in the negotiated format (simple, structured, or extended headers).
 
 use std::io;
-use std::sync::Arc;
-use std::time::Instant;
 
 use raid::{Extent, IoBuf};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
-use tokio_util::sync::CancellationToken;
 use volmgr::Volume;
 use zerocopy::big_endian::{U16, U32, U64};
-use zerocopy::{FromBytes, IntoBytes};
+use zerocopy::IntoBytes;
 
-use super::handshake::Negotiated;
 use super::limits::*;
 use super::wire::*;
-use crate::metrics::SessionMetrics;
 
 /// A decoded request header.
 #[derive(Debug, Clone, Copy)]
@@ -156,14 +142,6 @@ pub enum Outcome {
     Error(u32, &'static str),
 }
 
-#[derive(Debug)]
-pub struct Reply {
-    pub req: Request,
-    pub outcome: Outcome,
-    /// Held until the reply is queued: bounds requests and bytes in flight.
-    _permits: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
-}
-
 /// Maps an I/O error to an NBD error number (everything unknown is EIO).
 pub fn errno_of(e: &io::Error) -> u32 {
     match e.raw_os_error() {
@@ -178,17 +156,18 @@ pub fn errno_of(e: &io::Error) -> u32 {
     }
 }
 
-fn io_error(e: &io::Error) -> Outcome {
+pub(crate) fn io_error(e: &io::Error) -> Outcome {
     Outcome::Error(errno_of(e), "I/O error")
 }
 
-async fn execute(volume: &Volume, req: Request, payload: Option<IoBuf>) -> Outcome {
+/// Runs a request on the engine. `payload` is a WRITE's data, or a READ's buffer when the
+/// fast path already allocated one.
+pub(crate) async fn execute(volume: &Volume, req: Request, payload: Option<IoBuf>) -> Outcome {
     let fua = req.flags & CMD_FLAG_FUA != 0;
     match req.kind {
         CMD_READ => {
-            let (buf, res) = volume
-                .read(req.offset, IoBuf::with_len(req.len as usize))
-                .await;
+            let buf = payload.unwrap_or_else(|| IoBuf::with_len(req.len as usize));
+            let (buf, res) = volume.read(req.offset, buf).await;
             match res {
                 Ok(()) => Outcome::Data(buf),
                 Err(e) => io_error(&e),
@@ -245,208 +224,23 @@ async fn execute(volume: &Volume, req: Request, payload: Option<IoBuf>) -> Outco
     }
 }
 
-/// Reads and drops `n` payload bytes.
-async fn drain<R: AsyncRead + Unpin>(r: &mut R, n: u64) -> io::Result<()> {
-    let copied = tokio::io::copy(&mut r.take(n), &mut tokio::io::sink()).await?;
-    if copied != n {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "payload cut short",
-        ));
-    }
-    Ok(())
-}
-
-/// Reads one request header; `Ok(None)` on a clean EOF between requests.
-async fn read_request<R: AsyncRead + Unpin>(
-    r: &mut R,
-    extended: bool,
-) -> io::Result<Option<Request>> {
-    let mut raw = [0u8; EXTENDED_REQUEST_BYTES];
-    let size = if extended {
-        EXTENDED_REQUEST_BYTES
-    } else {
-        COMPACT_REQUEST_BYTES
-    };
-    let head = &mut raw[..size];
-    // First byte separately, so EOF between requests is told apart from a torn header.
-    if r.read(&mut head[..1]).await? == 0 {
-        return Ok(None);
-    }
-    r.read_exact(&mut head[1..]).await?;
-    let bad_magic = || io::Error::new(io::ErrorKind::InvalidData, "bad request magic");
-    if extended {
-        let h = ExtendedRequest::ref_from_bytes(&raw[..]).map_err(|_| bad_magic())?;
-        if h.magic.get() != EXTENDED_REQUEST_MAGIC {
-            return Err(bad_magic());
-        }
-        Ok(Some(Request {
-            kind: h.kind.get(),
-            flags: h.flags.get(),
-            cookie: h.cookie.get(),
-            offset: h.offset.get(),
-            len: h.length.get(),
-        }))
-    } else {
-        let h = CompactRequest::ref_from_bytes(&raw[..size]).map_err(|_| bad_magic())?;
-        if h.magic.get() != REQUEST_MAGIC {
-            return Err(bad_magic());
-        }
-        Ok(Some(Request {
-            kind: h.kind.get(),
-            flags: h.flags.get(),
-            cookie: h.cookie.get(),
-            offset: h.offset.get(),
-            len: u64::from(h.length.get()),
-        }))
-    }
-}
-
-/// Why a session ended.
-#[derive(Debug)]
-pub enum End {
-    Disconnect,
-    Eof,
-    Stopped,
-    Framing(io::Error),
-    WriterGone,
-}
-
-/// Runs the transmission phase until the session ends.
-pub async fn run<R, W>(
-    reader: R,
-    writer: W,
-    neg: Negotiated,
-    stop: CancellationToken,
-    metrics: Arc<SessionMetrics>,
-) -> End
-where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
-    let volume = Arc::clone(&neg.volume);
-    let _attached = volume.attach();
-    let closed = volume.closed();
-    let export = Export {
-        size: volume.size_bytes(),
-        read_only: volume.read_only(),
-        structured: neg.structured,
-        extended: neg.extended,
-        meta_allocation: neg.meta_allocation.is_some(),
-    };
-    let encoder = Encoder {
-        structured: neg.structured,
-        extended: neg.extended,
-        meta_id: neg.meta_allocation.unwrap_or(0),
-    };
-    let (tx, rx) = mpsc::unbounded_channel::<Reply>();
-    let writer_task = tokio::spawn(write_replies(writer, rx, encoder));
-    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, reader);
-    let requests = Arc::new(Semaphore::new(INFLIGHT_MAX));
-    let bytes = Arc::new(Semaphore::new(INFLIGHT_BYTES_MAX));
-
-    let end = loop {
-        let req = tokio::select! {
-            biased;
-            _ = stop.cancelled() => break End::Stopped,
-            _ = closed.cancelled() => break End::Stopped,
-            r = read_request(&mut reader, export.extended) => match r {
-                Ok(Some(req)) => req,
-                Ok(None) => break End::Eof,
-                Err(e) => break End::Framing(e),
-            },
-        };
-        let verdict = validate(&req, &export);
-        let (errno, drain_len, why) = match verdict {
-            Verdict::Close if req.kind == CMD_DISC => break End::Disconnect,
-            Verdict::Close => {
-                break End::Framing(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "payload too large to drain",
-                ))
-            }
-            Verdict::Reject { errno, drain, why } => (errno, drain, why),
-            Verdict::Run => (0, 0, ""),
-        };
-        if errno != 0 {
-            metrics.rejected(req.kind);
-            if let Err(e) = drain(&mut reader, drain_len).await {
-                break End::Framing(e);
-            }
-            if tx
-                .send(Reply {
-                    req,
-                    outcome: Outcome::Error(errno, why),
-                    _permits: None,
-                })
-                .is_err()
-            {
-                break End::WriterGone;
-            }
-            continue;
-        }
-        let data_bytes = if matches!(req.kind, CMD_READ | CMD_WRITE) {
-            req.len as u32
-        } else {
-            0
-        };
-        // Both semaphores live as long as this function and are never closed.
-        let (Ok(req_permit), Ok(byte_permit)) = (
-            Arc::clone(&requests).acquire_owned().await,
-            Arc::clone(&bytes).acquire_many_owned(data_bytes).await,
-        ) else {
-            break End::Stopped;
-        };
-        let payload = if req.kind == CMD_WRITE {
-            let mut buf = IoBuf::with_len(req.len as usize);
-            if let Err(e) = reader.read_exact(buf.as_mut_slice()).await {
-                break End::Framing(e);
-            }
-            Some(buf)
-        } else {
-            None
-        };
-        let tx = tx.clone();
-        let volume = Arc::clone(&volume);
-        let metrics = Arc::clone(&metrics);
-        tokio::spawn(async move {
-            let started = Instant::now();
-            metrics.started();
-            let outcome = execute(&volume, req, payload).await;
-            metrics.finished(
-                req.kind,
-                req.len,
-                matches!(outcome, Outcome::Error(..)),
-                started,
-            );
-            let _ = tx.send(Reply {
-                req,
-                outcome,
-                _permits: Some((req_permit, byte_permit)),
-            });
-        });
-    };
-    // Requests already read still complete and are answered; the writer ends once every
-    // sender (ours and the in-flight tasks') is gone.
-    drop(tx);
-    match writer_task.await {
-        Ok(Ok(())) => end,
-        Ok(Err(_)) | Err(_) => match end {
-            End::Eof | End::Disconnect => end,
-            _ => End::WriterGone,
-        },
-    }
-}
-
 /// Encodes replies for the negotiated mode.
 #[derive(Debug, Clone, Copy)]
-struct Encoder {
+pub struct Encoder {
     structured: bool,
     extended: bool,
     meta_id: u32,
 }
 
 impl Encoder {
+    pub fn new(structured: bool, extended: bool, meta_id: u32) -> Encoder {
+        Encoder {
+            structured,
+            extended,
+            meta_id,
+        }
+    }
+
     fn header(&self, out: &mut Vec<u8>, req: &Request, kind: u16, payload_len: usize) {
         if self.extended {
             let h = ExtendedReply {
@@ -479,10 +273,10 @@ impl Encoder {
         out.extend_from_slice(h.as_bytes());
     }
 
-    /// Appends the reply's header (and small payload) to `out`; returns data to send after it.
-    fn encode(&self, out: &mut Vec<u8>, reply: Reply) -> Option<IoBuf> {
-        let req = reply.req;
-        match reply.outcome {
+    /// Appends the reply's header (and any small payload) to `out`; returns data that must be
+    /// sent right after it.
+    pub fn encode(&self, out: &mut Vec<u8>, req: Request, outcome: Outcome) -> Option<IoBuf> {
+        match outcome {
             Outcome::Done if self.extended => self.header(out, &req, REPLY_TYPE_NONE, 0),
             Outcome::Done => self.simple(out, &req, 0),
             Outcome::Error(errno, msg) if self.structured => {
@@ -535,40 +329,6 @@ impl Encoder {
             }
         }
     }
-}
-
-/// Payloads at least this big are written straight from their buffer instead of copied.
-const COPY_MAX_BYTES: usize = 64 << 10;
-
-async fn write_replies<W: AsyncWrite + Unpin>(
-    mut w: W,
-    mut rx: mpsc::UnboundedReceiver<Reply>,
-    enc: Encoder,
-) -> io::Result<()> {
-    let mut out: Vec<u8> = Vec::with_capacity(WRITE_BATCH_BYTES + COPY_MAX_BYTES);
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        while let Some(reply) = next.take() {
-            if let Some(data) = enc.encode(&mut out, reply) {
-                if data.len() >= COPY_MAX_BYTES {
-                    w.write_all(&out).await?;
-                    out.clear();
-                    w.write_all(data.as_slice()).await?;
-                } else {
-                    out.extend_from_slice(data.as_slice());
-                }
-            }
-            if out.len() < WRITE_BATCH_BYTES {
-                next = rx.try_recv().ok();
-            }
-        }
-        if !out.is_empty() {
-            w.write_all(&out).await?;
-            out.clear();
-        }
-    }
-    w.flush().await?;
-    w.shutdown().await
 }
 
 #[cfg(test)]

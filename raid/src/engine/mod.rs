@@ -12,6 +12,7 @@
 //! loses the caller's data. An operation whose awaiting future is dropped still runs to
 //! completion; the engine keeps its buffer and file open until then.
 
+pub mod nowait;
 mod sync;
 mod uring;
 
