@@ -228,6 +228,15 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The test already failed: report that, not a second panic from here.
+            if let Some(mut child) = self.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+                eprintln!("blockd log ({}):\n{}", self.log.display(), self.log());
+            }
+            return;
+        }
         if self.child.is_some() {
             let status = self.stop();
             if !std::thread::panicking() {

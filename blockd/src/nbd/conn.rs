@@ -260,6 +260,37 @@ fn read_request(r: &mut impl BufRead, extended: bool) -> io::Result<Option<Reque
     }
 }
 
+/// True when `buf` holds a whole request: its header and any payload it carries. Reading it
+/// then needs no `recv`, so cannot block.
+fn complete_request(buf: &[u8], extended: bool) -> bool {
+    let (size, payload) = if extended {
+        match ExtendedRequest::ref_from_prefix(buf) {
+            Ok((h, _)) => {
+                let has_payload =
+                    h.kind.get() == CMD_WRITE || h.flags.get() & CMD_FLAG_PAYLOAD_LEN != 0;
+                (
+                    EXTENDED_REQUEST_BYTES,
+                    if has_payload { h.length.get() } else { 0 },
+                )
+            }
+            Err(_) => return false,
+        }
+    } else {
+        match CompactRequest::ref_from_prefix(buf) {
+            Ok((h, _)) => {
+                let payload = if h.kind.get() == CMD_WRITE {
+                    u64::from(h.length.get())
+                } else {
+                    0
+                };
+                (COMPACT_REQUEST_BYTES, payload)
+            }
+            Err(_) => return false,
+        }
+    };
+    (size as u64).saturating_add(payload) <= buf.len() as u64
+}
+
 fn drain(r: &mut impl Read, n: u64) -> io::Result<()> {
     let copied = io::copy(&mut r.take(n), &mut io::sink())?;
     if copied != n {
@@ -425,16 +456,35 @@ impl Shared {
         }
     }
 
-    /// One connection thread. It takes the read side and serves requests while more are
-    /// buffered, batching replies. When the buffer holds no further request it hands the read
-    /// side over before working on the last one, so another thread is already waiting in
-    /// `recv` when the client's next request arrives (nbdkit's order), then sends its batch.
+    /// One connection thread. It takes the read side and serves requests while complete
+    /// ones are buffered, batching replies. When no complete request is buffered it hands
+    /// the read side over before working on the last one, so another thread is already
+    /// waiting in `recv` when the client's next request arrives (nbdkit's order), then sends
+    /// its batch.
+    ///
+    /// Invariant: a thread never blocks (on the read side's lock, or reading the socket)
+    /// while it holds unsent replies. The client may be waiting for them before it sends
+    /// more, so blocking there would deadlock the session.
     fn worker(&self, tx: &mpsc::Sender<Reply>) {
         let mut out: Vec<u8> = Vec::with_capacity(WRITE_BATCH_BYTES + COPY_MAX_BYTES);
         let result = loop {
-            let mut rd = self.reader();
+            let mut rd = match self.reader.try_lock() {
+                Ok(guard) => guard,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    if let Err(e) = send(&self.write_half, &mut out, None) {
+                        break Err(e);
+                    }
+                    self.reader()
+                }
+            };
             if rd.end.is_some() {
                 break Ok(());
+            }
+            if !out.is_empty() && !complete_request(rd.buf.buffer(), self.export.extended) {
+                if let Err(e) = send(&self.write_half, &mut out, None) {
+                    break Err(e);
+                }
             }
             let job = match self.read_one(&mut rd.buf, &mut out) {
                 Ok(job) => job,
@@ -443,7 +493,7 @@ impl Shared {
                     break Ok(());
                 }
             };
-            let more = !rd.buf.buffer().is_empty();
+            let more = complete_request(rd.buf.buffer(), self.export.extended);
             if !more {
                 drop(rd);
             }
@@ -554,5 +604,40 @@ pub fn run(sock: Socket, neg: Negotiated, runtime: Handle, metrics: Arc<SessionM
     match (end, written) {
         (end @ (End::Eof | End::Disconnect), _) | (end, Ok(())) => end,
         (_, Err(e)) => End::WriterGone(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zerocopy::big_endian::{U16, U32, U64};
+    use zerocopy::IntoBytes;
+
+    fn compact(kind: u16, len: u32) -> Vec<u8> {
+        let h = CompactRequest {
+            magic: U32::new(REQUEST_MAGIC),
+            flags: U16::new(0),
+            kind: U16::new(kind),
+            cookie: U64::new(1),
+            offset: U64::new(0),
+            length: U32::new(len),
+        };
+        h.as_bytes().to_vec()
+    }
+
+    #[test]
+    fn complete_request_needs_header_and_payload() {
+        let read = compact(CMD_READ, 4096);
+        assert!(complete_request(&read, false));
+        assert!(!complete_request(&read[..27], false));
+        assert!(!complete_request(&[], false));
+        let mut write = compact(CMD_WRITE, 512);
+        assert!(!complete_request(&write, false), "payload missing");
+        write.extend_from_slice(&[0; 511]);
+        assert!(!complete_request(&write, false), "payload short by one");
+        write.push(0);
+        assert!(complete_request(&write, false));
+        // A 28-byte compact header is not a 32-byte extended one.
+        assert!(!complete_request(&read, true));
     }
 }
