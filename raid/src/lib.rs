@@ -4,6 +4,9 @@
 //! - [`engine`]: the device engine, io_uring on its own thread with a pread/pwrite fallback
 //!   behind the same interface.
 //! - [`component`]: one volume's sparse file on one device, on top of the engine.
+//! - [`journal`]: crc32c-checked journal records, replay, and a group-committing file journal.
+//! - [`parity`]: XOR delta, merge and rebuild.
+//! - [`protocol`]: the data/parity write protocol, recovery, and its fault-injecting simulator.
 //!
 //! This crate knows nothing of NBD or of the catalog. Unsafe code lives only in `buf` and
 //! `engine`, each block with a `// SAFETY:` comment.
@@ -11,6 +14,9 @@
 pub mod buf;
 pub mod component;
 pub mod engine;
+pub mod journal;
+pub mod parity;
+pub mod protocol;
 
 pub use buf::IoBuf;
 pub use component::{CacheMode, Component, Extent};

@@ -1,0 +1,378 @@
+//! Journal records: framing, encoding, and replay.
+//!
+//! Every record is a 32-byte little-endian header followed by its body:
+//!
+//! ```text
+//! offset size field
+//! 0      4    magic 0x4e524a42 ("BJRN")
+//! 4      2    format version = 1
+//! 6      2    kind (see `Kind`)
+//! 8      8    journal sequence number (strictly increasing within a journal)
+//! 16     4    body length in bytes
+//! 20     4    crc32c of the body
+//! 24     4    crc32c of the header with this field zeroed
+//! 28     4    reserved, zero
+//! ```
+//!
+//! The header is checked (magic, version, header crc, reserved, known kind, body length
+//! within [`BODY_MAX_BYTES`]) before the body is read; then the body crc. Replay stops at the
+//! first record that fails any check, or whose sequence number does not follow the previous
+//! one: that is the torn tail of an interrupted append, or a stale record left from before
+//! the journal was rewritten, and everything from there on is discarded.
+
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+pub const MAGIC: u32 = 0x4e52_4a42;
+pub const VERSION: u16 = 1;
+pub const HEADER_BYTES: usize = 32;
+/// Largest body: every body is a small fixed struct; anything larger is corruption.
+pub const BODY_MAX_BYTES: usize = 256;
+
+#[repr(C)]
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Debug, Clone, Copy)]
+struct Header {
+    magic: U32,
+    version: U16,
+    kind: U16,
+    seq: U64,
+    body_len: U32,
+    body_crc: U32,
+    header_crc: U32,
+    reserved: [u8; 4],
+}
+const _: () = assert!(std::mem::size_of::<Header>() == HEADER_BYTES);
+
+/// A data node's intent: block `column` of `stripe` gets new data at `new_loc`; the old data
+/// stays at `old_loc` until both sides have hardened.
+#[repr(C)]
+#[derive(
+    FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Debug, Clone, Copy, PartialEq, Eq,
+)]
+pub struct Mj {
+    pub write_id: U64,
+    pub stripe: U64,
+    pub stripe_seq: U64,
+    pub new_loc: U64,
+    pub old_loc: U64,
+    pub column: U32,
+    /// crc32c of the new block.
+    pub new_crc: U32,
+}
+
+/// A parity node's intent: the full new parity of `stripe` is at `new_loc` (never a delta,
+/// so replay cannot apply anything twice); the old parity stays at `old_loc`.
+#[repr(C)]
+#[derive(
+    FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Debug, Clone, Copy, PartialEq, Eq,
+)]
+pub struct Pj {
+    pub write_id: U64,
+    pub stripe: U64,
+    pub stripe_seq: U64,
+    pub new_loc: U64,
+    pub old_loc: U64,
+    pub column: U32,
+    pub new_crc: U32,
+}
+
+/// Names one update of one stripe (hardened marks, completions).
+#[repr(C)]
+#[derive(
+    FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Debug, Clone, Copy, PartialEq, Eq,
+)]
+pub struct Mark {
+    pub write_id: U64,
+    pub stripe: U64,
+    pub stripe_seq: U64,
+}
+
+/// A location returned to the free pool.
+#[repr(C)]
+#[derive(
+    FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Debug, Clone, Copy, PartialEq, Eq,
+)]
+pub struct Free {
+    pub loc: U64,
+}
+
+/// What a record says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Body {
+    Mj(Mj),
+    Pj(Pj),
+    /// This (data) side's new data and `mj` are durable.
+    DataHardened(Mark),
+    /// This (parity) side's new parity and `pj` are durable.
+    ParityHardened(Mark),
+    /// The other side's hardened message arrived (both sides are now hardened).
+    PeerHardened(Mark),
+    Free(Free),
+    MjComplete(Mark),
+    PjComplete(Mark),
+}
+
+impl Body {
+    fn kind(&self) -> u16 {
+        match self {
+            Body::Mj(_) => 1,
+            Body::Pj(_) => 2,
+            Body::DataHardened(_) => 3,
+            Body::ParityHardened(_) => 4,
+            Body::PeerHardened(_) => 5,
+            Body::Free(_) => 6,
+            Body::MjComplete(_) => 7,
+            Body::PjComplete(_) => 8,
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Body::Mj(b) => b.as_bytes(),
+            Body::Pj(b) => b.as_bytes(),
+            Body::DataHardened(b) | Body::ParityHardened(b) | Body::PeerHardened(b) => b.as_bytes(),
+            Body::MjComplete(b) | Body::PjComplete(b) => b.as_bytes(),
+            Body::Free(b) => b.as_bytes(),
+        }
+    }
+
+    fn decode(kind: u16, body: &[u8]) -> Option<Body> {
+        Some(match kind {
+            1 => Body::Mj(Mj::read_from_bytes(body).ok()?),
+            2 => Body::Pj(Pj::read_from_bytes(body).ok()?),
+            3 => Body::DataHardened(Mark::read_from_bytes(body).ok()?),
+            4 => Body::ParityHardened(Mark::read_from_bytes(body).ok()?),
+            5 => Body::PeerHardened(Mark::read_from_bytes(body).ok()?),
+            6 => Body::Free(Free::read_from_bytes(body).ok()?),
+            7 => Body::MjComplete(Mark::read_from_bytes(body).ok()?),
+            8 => Body::PjComplete(Mark::read_from_bytes(body).ok()?),
+            _ => return None,
+        })
+    }
+}
+
+/// A record with its journal sequence number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Record {
+    pub seq: u64,
+    pub body: Body,
+}
+
+fn header_crc(h: &Header) -> u32 {
+    let mut copy = *h;
+    copy.header_crc = U32::new(0);
+    crc32c::crc32c(copy.as_bytes())
+}
+
+/// Appends the encoded record to `out`.
+pub fn encode(rec: &Record, out: &mut Vec<u8>) {
+    let body = rec.body.bytes();
+    let mut h = Header {
+        magic: U32::new(MAGIC),
+        version: U16::new(VERSION),
+        kind: U16::new(rec.body.kind()),
+        seq: U64::new(rec.seq),
+        body_len: U32::new(body.len() as u32),
+        body_crc: U32::new(crc32c::crc32c(body)),
+        header_crc: U32::new(0),
+        reserved: [0; 4],
+    };
+    h.header_crc = U32::new(header_crc(&h));
+    out.extend_from_slice(h.as_bytes());
+    out.extend_from_slice(body);
+}
+
+/// Why replay stopped before the end of the bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tail {
+    ShortHeader,
+    BadMagic,
+    BadHeaderCrc,
+    BadHeader,
+    ShortBody,
+    BadBodyCrc,
+    /// Sequence number not following the previous record's: a stale record.
+    Stale {
+        expected: u64,
+        found: u64,
+    },
+}
+
+/// The records recovered from a journal's bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replay {
+    pub records: Vec<Record>,
+    /// Bytes covered by valid records; the journal continues from here.
+    pub valid_len: usize,
+    /// Set when bytes after `valid_len` were discarded, and why.
+    pub discarded: Option<Tail>,
+}
+
+/// Decodes every valid record from the start of `bytes`, stopping at a torn or stale tail.
+/// `first_seq` is the sequence number the first record must carry (`None`: any).
+pub fn replay(bytes: &[u8], first_seq: Option<u64>) -> Replay {
+    let mut records = Vec::new();
+    let mut at = 0usize;
+    let mut expected = first_seq;
+    let stop = |records, at, tail| Replay {
+        records,
+        valid_len: at,
+        discarded: Some(tail),
+    };
+    while at < bytes.len() {
+        let Some(head) = bytes.get(at..at + HEADER_BYTES) else {
+            return stop(records, at, Tail::ShortHeader);
+        };
+        let Ok(h) = Header::read_from_bytes(head) else {
+            return stop(records, at, Tail::ShortHeader);
+        };
+        if h.magic.get() != MAGIC {
+            return stop(records, at, Tail::BadMagic);
+        }
+        if h.header_crc.get() != header_crc(&h) {
+            return stop(records, at, Tail::BadHeaderCrc);
+        }
+        let len = h.body_len.get() as usize;
+        if h.version.get() != VERSION || h.reserved != [0; 4] || len > BODY_MAX_BYTES {
+            return stop(records, at, Tail::BadHeader);
+        }
+        let Some(body) = bytes.get(at + HEADER_BYTES..at + HEADER_BYTES + len) else {
+            return stop(records, at, Tail::ShortBody);
+        };
+        if crc32c::crc32c(body) != h.body_crc.get() {
+            return stop(records, at, Tail::BadBodyCrc);
+        }
+        let Some(decoded) = Body::decode(h.kind.get(), body) else {
+            return stop(records, at, Tail::BadHeader);
+        };
+        let seq = h.seq.get();
+        if let Some(want) = expected {
+            if seq != want {
+                return stop(
+                    records,
+                    at,
+                    Tail::Stale {
+                        expected: want,
+                        found: seq,
+                    },
+                );
+            }
+        }
+        expected = Some(seq + 1);
+        records.push(Record { seq, body: decoded });
+        at += HEADER_BYTES + len;
+    }
+    Replay {
+        records,
+        valid_len: at,
+        discarded: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mark(n: u64) -> Mark {
+        Mark {
+            write_id: U64::new(n),
+            stripe: U64::new(n % 7),
+            stripe_seq: U64::new(n),
+        }
+    }
+
+    fn sample(n: u64) -> Vec<Record> {
+        (0..n)
+            .map(|i| Record {
+                seq: 100 + i,
+                body: match i % 4 {
+                    0 => Body::Mj(Mj {
+                        write_id: U64::new(i),
+                        stripe: U64::new(3),
+                        stripe_seq: U64::new(i),
+                        new_loc: U64::new(9),
+                        old_loc: U64::new(8),
+                        column: U32::new(1),
+                        new_crc: U32::new(0xdead),
+                    }),
+                    1 => Body::DataHardened(mark(i)),
+                    2 => Body::Free(Free { loc: U64::new(i) }),
+                    _ => Body::MjComplete(mark(i)),
+                },
+            })
+            .collect()
+    }
+
+    fn encode_all(recs: &[Record]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for r in recs {
+            encode(r, &mut out);
+        }
+        out
+    }
+
+    #[test]
+    fn round_trip() {
+        let recs = sample(9);
+        let bytes = encode_all(&recs);
+        let r = replay(&bytes, Some(100));
+        assert_eq!(r.records, recs);
+        assert_eq!(r.valid_len, bytes.len());
+        assert_eq!(r.discarded, None);
+    }
+
+    #[test]
+    fn every_truncation_keeps_exactly_the_whole_records() {
+        let recs = sample(6);
+        let bytes = encode_all(&recs);
+        let mut ends = vec![0];
+        for r in &recs {
+            let mut one = Vec::new();
+            encode(r, &mut one);
+            ends.push(ends.last().copied().unwrap_or(0) + one.len());
+        }
+        for cut in 0..bytes.len() {
+            let r = replay(&bytes[..cut], Some(100));
+            let whole = ends.iter().filter(|&&e| e <= cut).count() - 1;
+            assert_eq!(r.records.len(), whole, "cut at {cut}");
+            assert_eq!(r.valid_len, ends[whole]);
+        }
+    }
+
+    #[test]
+    fn every_bit_flip_ends_replay_at_or_before_the_flipped_record() {
+        let recs = sample(5);
+        let bytes = encode_all(&recs);
+        for i in 0..bytes.len() {
+            for bit in [0x01u8, 0x80] {
+                let mut bad = bytes.clone();
+                bad[i] ^= bit;
+                let r = replay(&bad, Some(100));
+                assert!(
+                    r.valid_len <= i,
+                    "flip at byte {i} accepted a corrupt record"
+                );
+                assert!(r.discarded.is_some());
+                assert_eq!(r.records[..], recs[..r.records.len()]);
+            }
+        }
+    }
+
+    #[test]
+    fn a_stale_record_after_the_live_ones_is_discarded() {
+        let mut recs = sample(3);
+        recs.push(Record {
+            seq: 50,
+            body: Body::Free(Free { loc: U64::new(1) }),
+        });
+        let r = replay(&encode_all(&recs), Some(100));
+        assert_eq!(r.records.len(), 3);
+        assert_eq!(
+            r.discarded,
+            Some(Tail::Stale {
+                expected: 103,
+                found: 50
+            })
+        );
+    }
+}

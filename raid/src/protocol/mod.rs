@@ -1,0 +1,136 @@
+//! The data/parity write protocol for K+1 stripes (DESIGN.md section 7), sans-IO.
+//!
+//! A [`node::Node`] holds one column of every stripe (a data column, or the parity, which
+//! rotates per stripe) on one device behind the [`Disk`] trait, and journals every step.
+//! Nodes exchange [`Msg`]s; whatever carries them (the deterministic simulator in [`sim`],
+//! later TCP) calls the node's handlers and delivers what they send. For one write to block
+//! `column` of `stripe`, between data node D and parity node P:
+//!
+//! 1. D reads the old data (checking its crc32c), writes the new data to a fresh location,
+//!    journals `mj` and sends `Update`. Toughness 0 answers here.
+//! 2. P journals `pj` (fresh parity location, old location) and sends `DeltaRequest`.
+//! 3. D sends `Delta` = old ⊕ new. P merges it into the old parity, writes the full new parity
+//!    to the fresh location and sends `DeltaHeld`. Toughness 1 answers when D gets it.
+//! 4. When its new block and intent record are durable, each side journals its hardened
+//!    mark, makes it durable, points its column at the new location and tells the other.
+//!    Toughness 2 answers when D has both marks.
+//! 5. Each side frees its old location and journals completion.
+//!
+//! Invariants kept here and checked by the crash campaign:
+//! - old data and old parity stay untouched until both sides hardened, so recovery can
+//!   always roll a stripe back to (old data, old parity) or forward to (new, new);
+//! - at most one unhardened update per stripe: P serialises updates per stripe, and D
+//!   serialises writes per block;
+//! - a delta is applied at most once: P keeps the last stripe sequence it applied and ignores
+//!   duplicates; what P journals for replay is the full new parity, never the delta;
+//! - recovery goes forward only if both hardened marks are durable, else backward.
+
+pub mod node;
+pub mod recovery;
+pub mod sim;
+
+/// A location (block slot) on a node's device.
+pub type Loc = u64;
+/// Identifies one client write across the cluster.
+pub type WriteId = u64;
+pub type NodeId = usize;
+
+/// When a write is answered (DESIGN.md section 6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Toughness {
+    /// Data submitted to the local device.
+    Submitted = 0,
+    /// The parity node holds the update in memory.
+    ParityHeld = 1,
+    /// Data and parity are on stable storage.
+    Durable = 2,
+}
+
+impl Toughness {
+    pub fn from_level(level: u8) -> Option<Toughness> {
+        match level {
+            0 => Some(Toughness::Submitted),
+            1 => Some(Toughness::ParityHeld),
+            2 => Some(Toughness::Durable),
+            _ => None,
+        }
+    }
+}
+
+/// How stripes map onto nodes: K data columns and one parity column, rotating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    pub data_columns: usize,
+    pub stripes: u64,
+    pub block_bytes: usize,
+}
+
+impl Layout {
+    pub fn nodes(&self) -> usize {
+        self.data_columns + 1
+    }
+
+    pub fn parity_node(&self, stripe: u64) -> NodeId {
+        (stripe % self.nodes() as u64) as NodeId
+    }
+
+    pub fn data_node(&self, stripe: u64, column: usize) -> NodeId {
+        (self.parity_node(stripe) + 1 + column) % self.nodes()
+    }
+
+    /// Which column of `stripe` node `node` holds: `None` for the parity.
+    pub fn column_of(&self, stripe: u64, node: NodeId) -> Option<usize> {
+        let p = self.parity_node(stripe);
+        (node != p).then(|| (node + self.nodes() - p - 1) % self.nodes())
+    }
+}
+
+/// A peer message. Sequence numbers are per stripe; a message about an update that is not
+/// the one in progress (a duplicate, or replayed after completion) is ignored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Msg {
+    Update {
+        write_id: WriteId,
+        stripe: u64,
+        stripe_seq: u64,
+        column: usize,
+        from: NodeId,
+    },
+    DeltaRequest {
+        write_id: WriteId,
+        stripe: u64,
+    },
+    Delta {
+        write_id: WriteId,
+        stripe: u64,
+        delta: Vec<u8>,
+    },
+    DeltaHeld {
+        write_id: WriteId,
+        stripe: u64,
+    },
+    DataHardened {
+        write_id: WriteId,
+        stripe: u64,
+        stripe_seq: u64,
+        column: usize,
+    },
+    ParityHardened {
+        write_id: WriteId,
+        stripe: u64,
+    },
+}
+
+/// The device under a node: block slots and a journal, with explicit flushes. The
+/// simulator's implementation injects faults (power cuts that drop or tear what was not
+/// flushed); the real one sits on the io_uring engine.
+pub trait Disk {
+    fn read(&self, loc: Loc) -> Vec<u8>;
+    /// A write that is volatile until a later flush completes.
+    fn write(&mut self, loc: Loc, data: &[u8]);
+    /// Appends encoded journal bytes (volatile until flushed).
+    fn append_journal(&mut self, bytes: &[u8]);
+    /// Starts a flush of everything written so far; the node is told via
+    /// [`node::Node::flushed`] with the same token when it completes.
+    fn flush(&mut self, token: u64);
+}

@@ -1,0 +1,590 @@
+//! One node's side of the protocol: the data role for the columns it holds and the parity
+//! role for the stripes whose parity it holds. Sans-IO: handlers mutate state, drive the
+//! [`Disk`], and leave messages and progress reports in the [`Outbox`].
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+
+use zerocopy::little_endian::{U32, U64};
+
+use super::{Disk, Layout, Loc, Msg, NodeId, Toughness, WriteId};
+use crate::journal::record::{self, Body, Free, Mark, Mj, Pj, Record};
+use crate::parity;
+
+/// What a node wants done after a handler returns.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    pub sends: Vec<(NodeId, Msg)>,
+    /// A write reached a toughness level (each level is reported once, in order).
+    pub reached: Vec<(WriteId, Toughness)>,
+    /// Old data whose checksum did not match: the write is refused, nothing is laundered
+    /// into parity.
+    pub corrupt: Vec<WriteId>,
+}
+
+#[derive(Debug, Clone)]
+struct PendingWrite {
+    write_id: WriteId,
+    data: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct DataUpdate {
+    write_id: WriteId,
+    seq: u64,
+    old_loc: Loc,
+    new_loc: Loc,
+    old: Vec<u8>,
+    new: Vec<u8>,
+    own_hardened: bool,
+    peer_hardened: bool,
+    parity_held: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct UpdateReq {
+    write_id: WriteId,
+    seq: u64,
+    column: usize,
+    from: NodeId,
+}
+
+#[derive(Debug)]
+struct ParityUpdate {
+    req: UpdateReq,
+    old_loc: Loc,
+    new_loc: Loc,
+    merged: bool,
+    own_hardened: bool,
+    peer_hardened: bool,
+}
+
+// Flush tokens: (write id << 3) | step.
+const STEP_DATA: u64 = 1;
+const STEP_DATA_MARK: u64 = 2;
+const STEP_PARITY: u64 = 3;
+const STEP_PARITY_MARK: u64 = 4;
+const STEP_COMPLETE: u64 = 5;
+
+pub struct Node<D: Disk> {
+    pub id: NodeId,
+    layout: Layout,
+    pub disk: D,
+    next_jseq: u64,
+    /// Location and crc32c of this node's column (data or parity) of each stripe.
+    map: Vec<(Loc, u32)>,
+    free: BTreeSet<Loc>,
+    data: HashMap<u64, DataUpdate>,
+    data_queue: HashMap<u64, VecDeque<PendingWrite>>,
+    data_seq: HashMap<u64, u64>,
+    parity: HashMap<u64, ParityUpdate>,
+    parity_queue: HashMap<u64, VecDeque<UpdateReq>>,
+    /// Last data sequence applied to parity, per (stripe, column): duplicates are no-ops.
+    applied: HashMap<(u64, usize), u64>,
+    /// `DataHardened` that arrived before its update started here (its `Update` was delayed
+    /// or queued behind another update of the stripe); consumed when the update starts.
+    early_hardened: std::collections::HashSet<WriteId>,
+}
+
+impl<D: Disk> std::fmt::Debug for Node<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("id", &self.id)
+            .field(
+                "data",
+                &self
+                    .data
+                    .iter()
+                    .map(|(s, u)| (*s, u.write_id, u.own_hardened, u.peer_hardened))
+                    .collect::<Vec<_>>(),
+            )
+            .field(
+                "data_queue",
+                &self
+                    .data_queue
+                    .iter()
+                    .map(|(s, q)| (*s, q.iter().map(|w| w.write_id).collect::<Vec<_>>()))
+                    .collect::<Vec<_>>(),
+            )
+            .field(
+                "parity",
+                &self
+                    .parity
+                    .iter()
+                    .map(|(s, u)| {
+                        (
+                            *s,
+                            u.req.write_id,
+                            u.merged,
+                            u.own_hardened,
+                            u.peer_hardened,
+                        )
+                    })
+                    .collect::<Vec<_>>(),
+            )
+            .field(
+                "parity_queue",
+                &self
+                    .parity_queue
+                    .iter()
+                    .map(|(s, q)| (*s, q.iter().map(|r| r.write_id).collect::<Vec<_>>()))
+                    .collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl<D: Disk> Node<D> {
+    /// A node whose column of stripe `s` is at `map[s]`, with `free` locations to allocate
+    /// from and the journal continuing at `next_jseq`.
+    pub fn new(
+        id: NodeId,
+        layout: Layout,
+        disk: D,
+        map: Vec<(Loc, u32)>,
+        free: BTreeSet<Loc>,
+        next_jseq: u64,
+    ) -> Node<D> {
+        Node {
+            id,
+            layout,
+            disk,
+            next_jseq,
+            map,
+            free,
+            data: HashMap::new(),
+            data_queue: HashMap::new(),
+            data_seq: HashMap::new(),
+            parity: HashMap::new(),
+            parity_queue: HashMap::new(),
+            applied: HashMap::new(),
+            early_hardened: std::collections::HashSet::new(),
+        }
+    }
+
+    /// Location of this node's column of `stripe`.
+    pub fn location(&self, stripe: u64) -> Loc {
+        self.map[stripe as usize].0
+    }
+
+    /// Whether any update is in progress or queued here.
+    pub fn idle(&self) -> bool {
+        self.data.is_empty()
+            && self.parity.is_empty()
+            && self.data_queue.values().all(VecDeque::is_empty)
+            && self.parity_queue.values().all(VecDeque::is_empty)
+    }
+
+    fn journal(&mut self, body: Body) {
+        let mut bytes = Vec::with_capacity(64);
+        record::encode(
+            &Record {
+                seq: self.next_jseq,
+                body,
+            },
+            &mut bytes,
+        );
+        self.next_jseq += 1;
+        self.disk.append_journal(&bytes);
+    }
+
+    fn allocate(&mut self) -> Option<Loc> {
+        let loc = self.free.pop_first()?;
+        debug_assert!(
+            self.map.iter().all(|(l, _)| *l != loc),
+            "allocated a referenced location"
+        );
+        Some(loc)
+    }
+
+    fn mark(write_id: WriteId, stripe: u64, seq: u64) -> Mark {
+        Mark {
+            write_id: U64::new(write_id),
+            stripe: U64::new(stripe),
+            stripe_seq: U64::new(seq),
+        }
+    }
+
+    // ---- data role ----
+
+    /// A client write of this node's column of `stripe`.
+    pub fn client_write(
+        &mut self,
+        write_id: WriteId,
+        stripe: u64,
+        data: Vec<u8>,
+        out: &mut Outbox,
+    ) {
+        let w = PendingWrite { write_id, data };
+        if self.data.contains_key(&stripe) {
+            self.data_queue.entry(stripe).or_default().push_back(w);
+            return;
+        }
+        self.start_write(stripe, w, out);
+    }
+
+    fn start_write(&mut self, stripe: u64, w: PendingWrite, out: &mut Outbox) {
+        let Some(column) = self.layout.column_of(stripe, self.id) else {
+            out.corrupt.push(w.write_id);
+            return;
+        };
+        let (old_loc, old_crc) = self.map[stripe as usize];
+        let old = self.disk.read(old_loc);
+        if crc32c::crc32c(&old) != old_crc {
+            out.corrupt.push(w.write_id);
+            return self.next_write(stripe, out);
+        }
+        let Some(new_loc) = self.allocate() else {
+            // Out of space: refuse rather than overwrite anything referenced.
+            out.corrupt.push(w.write_id);
+            return self.next_write(stripe, out);
+        };
+        let seq = self.data_seq.entry(stripe).or_insert(0);
+        *seq += 1;
+        let seq = *seq;
+        self.disk.write(new_loc, &w.data);
+        self.journal(Body::Mj(Mj {
+            write_id: U64::new(w.write_id),
+            stripe: U64::new(stripe),
+            stripe_seq: U64::new(seq),
+            new_loc: U64::new(new_loc),
+            old_loc: U64::new(old_loc),
+            column: U32::new(column as u32),
+            new_crc: U32::new(crc32c::crc32c(&w.data)),
+        }));
+        self.disk.flush(w.write_id << 3 | STEP_DATA);
+        out.reached.push((w.write_id, Toughness::Submitted));
+        let p = self.layout.parity_node(stripe);
+        out.sends.push((
+            p,
+            Msg::Update {
+                write_id: w.write_id,
+                stripe,
+                stripe_seq: seq,
+                column,
+                from: self.id,
+            },
+        ));
+        self.data.insert(
+            stripe,
+            DataUpdate {
+                write_id: w.write_id,
+                seq,
+                old_loc,
+                new_loc,
+                old,
+                new: w.data,
+                own_hardened: false,
+                peer_hardened: false,
+                parity_held: false,
+            },
+        );
+    }
+
+    fn next_write(&mut self, stripe: u64, out: &mut Outbox) {
+        if let Some(w) = self
+            .data_queue
+            .get_mut(&stripe)
+            .and_then(VecDeque::pop_front)
+        {
+            self.start_write(stripe, w, out);
+        }
+    }
+
+    fn data_update(&mut self, stripe: u64, write_id: WriteId) -> Option<&mut DataUpdate> {
+        self.data
+            .get_mut(&stripe)
+            .filter(|u| u.write_id == write_id)
+    }
+
+    fn finish_data(&mut self, stripe: u64, out: &mut Outbox) {
+        let done = self
+            .data
+            .get(&stripe)
+            .is_some_and(|u| u.own_hardened && u.peer_hardened);
+        if !done {
+            return;
+        }
+        let Some(u) = self.data.remove(&stripe) else {
+            return;
+        };
+        out.reached.push((u.write_id, Toughness::Durable));
+        // Both sides hardened: the old data is no longer needed by any recovery.
+        self.journal(Body::Free(Free {
+            loc: U64::new(u.old_loc),
+        }));
+        self.journal(Body::MjComplete(Self::mark(u.write_id, stripe, u.seq)));
+        self.free.insert(u.old_loc);
+        self.disk.flush(u.write_id << 3 | STEP_COMPLETE);
+        self.next_write(stripe, out);
+    }
+
+    // ---- parity role ----
+
+    fn parity_update(&mut self, stripe: u64, write_id: WriteId) -> Option<&mut ParityUpdate> {
+        self.parity
+            .get_mut(&stripe)
+            .filter(|u| u.req.write_id == write_id)
+    }
+
+    fn start_parity(&mut self, stripe: u64, req: UpdateReq, out: &mut Outbox) {
+        let old_loc = self.map[stripe as usize].0;
+        let Some(new_loc) = self.allocate() else {
+            out.corrupt.push(req.write_id);
+            return;
+        };
+        self.journal(Body::Pj(Pj {
+            write_id: U64::new(req.write_id),
+            stripe: U64::new(stripe),
+            stripe_seq: U64::new(req.seq),
+            new_loc: U64::new(new_loc),
+            old_loc: U64::new(old_loc),
+            column: U32::new(req.column as u32),
+            new_crc: U32::new(0),
+        }));
+        out.sends.push((
+            req.from,
+            Msg::DeltaRequest {
+                write_id: req.write_id,
+                stripe,
+            },
+        ));
+        let peer_hardened = self.early_hardened.remove(&req.write_id);
+        self.parity.insert(
+            stripe,
+            ParityUpdate {
+                req,
+                old_loc,
+                new_loc,
+                merged: false,
+                own_hardened: false,
+                peer_hardened,
+            },
+        );
+    }
+
+    fn finish_parity(&mut self, stripe: u64, out: &mut Outbox) {
+        let done = self
+            .parity
+            .get(&stripe)
+            .is_some_and(|u| u.own_hardened && u.peer_hardened);
+        if !done {
+            return;
+        }
+        let Some(u) = self.parity.remove(&stripe) else {
+            return;
+        };
+        self.journal(Body::Free(Free {
+            loc: U64::new(u.old_loc),
+        }));
+        self.journal(Body::PjComplete(Self::mark(
+            u.req.write_id,
+            stripe,
+            u.req.seq,
+        )));
+        self.free.insert(u.old_loc);
+        self.disk.flush(u.req.write_id << 3 | STEP_COMPLETE);
+        if let Some(next) = self
+            .parity_queue
+            .get_mut(&stripe)
+            .and_then(VecDeque::pop_front)
+        {
+            self.start_parity(stripe, next, out);
+        }
+    }
+
+    // ---- events ----
+
+    /// A peer message arrived.
+    pub fn receive(&mut self, msg: Msg, out: &mut Outbox) {
+        match msg {
+            Msg::Update {
+                write_id,
+                stripe,
+                stripe_seq,
+                column,
+                from,
+            } => {
+                let req = UpdateReq {
+                    write_id,
+                    seq: stripe_seq,
+                    column,
+                    from,
+                };
+                let applied = self.applied.get(&(stripe, column)).copied().unwrap_or(0);
+                let current = self
+                    .parity
+                    .get(&stripe)
+                    .is_some_and(|u| u.req.write_id == write_id);
+                let queued = self
+                    .parity_queue
+                    .get(&stripe)
+                    .is_some_and(|q| q.iter().any(|r| r.write_id == write_id));
+                if stripe_seq <= applied || current || queued {
+                    return; // duplicate or replay
+                }
+                if self.parity.contains_key(&stripe) {
+                    self.parity_queue.entry(stripe).or_default().push_back(req);
+                } else {
+                    self.start_parity(stripe, req, out);
+                }
+            }
+            Msg::DeltaRequest { write_id, stripe } => {
+                let Some(u) = self.data_update(stripe, write_id) else {
+                    return;
+                };
+                let mut delta = vec![0; u.new.len()];
+                parity::delta(&u.old, &u.new, &mut delta);
+                let p = self.layout.parity_node(stripe);
+                out.sends.push((
+                    p,
+                    Msg::Delta {
+                        write_id,
+                        stripe,
+                        delta,
+                    },
+                ));
+            }
+            Msg::Delta {
+                write_id,
+                stripe,
+                delta,
+            } => {
+                let Some(u) = self.parity_update(stripe, write_id) else {
+                    return;
+                };
+                if u.merged {
+                    return; // a delta is applied once
+                }
+                u.merged = true;
+                let (old_loc, new_loc, from) = (u.old_loc, u.new_loc, u.req.from);
+                let mut block = self.disk.read(old_loc);
+                if block.len() != delta.len() {
+                    out.corrupt.push(write_id);
+                    return;
+                }
+                parity::merge(&mut block, &delta);
+                self.disk.write(new_loc, &block);
+                out.sends.push((from, Msg::DeltaHeld { write_id, stripe }));
+                self.disk.flush(write_id << 3 | STEP_PARITY);
+            }
+            Msg::DeltaHeld { write_id, stripe } => {
+                let Some(u) = self.data_update(stripe, write_id) else {
+                    return;
+                };
+                if !u.parity_held {
+                    u.parity_held = true;
+                    out.reached.push((write_id, Toughness::ParityHeld));
+                }
+            }
+            Msg::DataHardened {
+                write_id,
+                stripe,
+                stripe_seq,
+                column,
+            } => {
+                let current = self
+                    .parity
+                    .get(&stripe)
+                    .is_some_and(|u| u.req.write_id == write_id);
+                let applied = self.applied.get(&(stripe, column)).copied().unwrap_or(0);
+                if !current && stripe_seq <= applied {
+                    return; // duplicate of a completed update
+                }
+                match self.parity_update(stripe, write_id) {
+                    Some(u) => {
+                        u.peer_hardened = true;
+                        self.finish_parity(stripe, out);
+                    }
+                    None => {
+                        self.early_hardened.insert(write_id);
+                    }
+                }
+            }
+            Msg::ParityHardened { write_id, stripe } => {
+                let Some(u) = self.data_update(stripe, write_id) else {
+                    return;
+                };
+                u.peer_hardened = true;
+                self.finish_data(stripe, out);
+            }
+        }
+    }
+
+    /// The flush started with `token` completed: everything written before it is durable.
+    pub fn flushed(&mut self, token: u64, out: &mut Outbox) {
+        let (write_id, step) = (token >> 3, token & 7);
+        match step {
+            STEP_DATA => {
+                let Some((stripe, seq)) = self
+                    .data
+                    .iter()
+                    .find(|(_, u)| u.write_id == write_id)
+                    .map(|(s, u)| (*s, u.seq))
+                else {
+                    return;
+                };
+                self.journal(Body::DataHardened(Self::mark(write_id, stripe, seq)));
+                self.disk.flush(write_id << 3 | STEP_DATA_MARK);
+            }
+            STEP_DATA_MARK => {
+                let Some((stripe, new_loc, crc, seq)) = self
+                    .data
+                    .iter()
+                    .find(|(_, u)| u.write_id == write_id)
+                    .map(|(s, u)| (*s, u.new_loc, crc32c::crc32c(&u.new), u.seq))
+                else {
+                    return;
+                };
+                self.map[stripe as usize] = (new_loc, crc);
+                if let Some(u) = self.data.get_mut(&stripe) {
+                    u.own_hardened = true;
+                }
+                let p = self.layout.parity_node(stripe);
+                let column = self.layout.column_of(stripe, self.id).unwrap_or(0);
+                out.sends.push((
+                    p,
+                    Msg::DataHardened {
+                        write_id,
+                        stripe,
+                        stripe_seq: seq,
+                        column,
+                    },
+                ));
+                self.finish_data(stripe, out);
+            }
+            STEP_PARITY => {
+                let Some((stripe, seq)) = self
+                    .parity
+                    .iter()
+                    .find(|(_, u)| u.req.write_id == write_id)
+                    .map(|(s, u)| (*s, u.req.seq))
+                else {
+                    return;
+                };
+                self.journal(Body::ParityHardened(Self::mark(write_id, stripe, seq)));
+                self.disk.flush(write_id << 3 | STEP_PARITY_MARK);
+            }
+            STEP_PARITY_MARK => {
+                let Some((stripe, u)) = self
+                    .parity
+                    .iter()
+                    .find(|(_, u)| u.req.write_id == write_id)
+                    .map(|(s, u)| (*s, (u.new_loc, u.req)))
+                else {
+                    return;
+                };
+                let (new_loc, req) = u;
+                let crc = crc32c::crc32c(&self.disk.read(new_loc));
+                self.map[stripe as usize] = (new_loc, crc);
+                self.applied.insert((stripe, req.column), req.seq);
+                if let Some(u) = self.parity.get_mut(&stripe) {
+                    u.own_hardened = true;
+                }
+                out.sends
+                    .push((req.from, Msg::ParityHardened { write_id, stripe }));
+                self.finish_parity(stripe, out);
+            }
+            _ => {}
+        }
+    }
+}
