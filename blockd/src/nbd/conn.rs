@@ -86,6 +86,12 @@ impl Write for Socket {
             Socket::Unix(s) => s.write(buf),
         }
     }
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Socket::Tcp(s) => s.write_vectored(bufs),
+            Socket::Unix(s) => s.write_vectored(bufs),
+        }
+    }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
@@ -174,16 +180,22 @@ pub enum End {
 /// Payloads at least this big are written straight from their buffer instead of copied.
 const COPY_MAX_BYTES: usize = 64 << 10;
 
-/// Writes `out` (and a large payload after it) to the socket under its lock.
+/// Writes `out` (and a large payload after it) to the socket under its lock, with one
+/// `writev` where the socket takes it all.
 fn send(sock: &Mutex<Socket>, out: &mut Vec<u8>, data: Option<&IoBuf>) -> io::Result<()> {
     let mut s = sock.lock().unwrap_or_else(|p| p.into_inner());
-    if !out.is_empty() {
-        s.write_all(out)?;
-        out.clear();
+    let data = data.map_or(&[][..], IoBuf::as_slice);
+    let (mut a, mut b) = (&out[..], data);
+    while !a.is_empty() || !b.is_empty() {
+        let n = s.write_vectored(&[io::IoSlice::new(a), io::IoSlice::new(b)])?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        let from_a = n.min(a.len());
+        a = &a[from_a..];
+        b = &b[n - from_a..];
     }
-    if let Some(data) = data {
-        s.write_all(data.as_slice())?;
-    }
+    out.clear();
     Ok(())
 }
 
@@ -493,7 +505,12 @@ impl Shared {
                     break Ok(());
                 }
             };
-            let more = complete_request(rd.buf.buffer(), self.export.extended);
+            // Keep the read side (and keep batching) only for small requests with another one
+            // already buffered; a large request is worth running beside the next one.
+            let small = job
+                .as_ref()
+                .is_none_or(|j| j.req.len < COPY_MAX_BYTES as u64);
+            let more = small && complete_request(rd.buf.buffer(), self.export.extended);
             if !more {
                 drop(rd);
             }

@@ -3,7 +3,7 @@
 //! A [`node::Node`] holds one column of every stripe (a data column, or the parity, which
 //! rotates per stripe) on one device behind the [`Disk`] trait, and journals every step.
 //! Nodes exchange [`Msg`]s; whatever carries them (the deterministic simulator in [`sim`],
-//! later TCP) calls the node's handlers and delivers what they send. For one write to block
+//! or TCP with the framing in [`wire`]) calls the node's handlers and delivers what they send. For one write to block
 //! `column` of `stripe`, between data node D and parity node P:
 //!
 //! 1. D reads the old data (checking its crc32c), writes the new data to a fresh location,
@@ -28,6 +28,7 @@
 pub mod node;
 pub mod recovery;
 pub mod sim;
+pub mod wire;
 
 /// A location (block slot) on a node's device.
 pub type Loc = u64;
