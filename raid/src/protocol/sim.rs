@@ -358,11 +358,11 @@ impl Cluster {
 fn setup(rng: &mut Rng) -> (Layout, u64, Vec<ClientOp>) {
     let layout = Layout {
         data_columns: 2 + rng.below(3) as usize,
-        stripes: 2 + rng.below(5),
+        stripes: 2 + rng.below(7),
         block_bytes: 64,
     };
     let locations = layout.stripes * 6 + 16;
-    let n_ops = 4 + rng.below(40) as usize;
+    let n_ops = 4 + rng.below(150) as usize;
     let ops = (0..n_ops)
         .map(|_| {
             if rng.chance(10) {
