@@ -185,6 +185,101 @@ impl Component {
         Ok((buf, res))
     }
 
+    /// Blocking `O_DIRECT` read or (non-FUA) write on the calling thread: the lowest-latency
+    /// path for a connection thread with nothing else in flight. Only for a thread dedicated
+    /// to one connection, never an async task. Gives the buffer back (`Err`) when the request
+    /// is not on the direct path.
+    pub fn direct_now(
+        &self,
+        write: bool,
+        offset: u64,
+        mut buf: IoBuf,
+    ) -> Result<(IoBuf, io::Result<()>), IoBuf> {
+        let len = buf.len();
+        let Some(direct) = self
+            .direct
+            .as_ref()
+            .filter(|_| self.is_direct_path(offset, len))
+        else {
+            return Err(buf);
+        };
+        let res = if write {
+            direct.write_all_at(buf.as_slice(), offset)
+        } else {
+            match direct.read_at(buf.as_mut_slice(), offset) {
+                Ok(n) => {
+                    // Aligned direct reads inside the file are whole; short only at its end.
+                    buf.as_mut_slice()[n..].fill(0);
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
+        };
+        Ok((buf, res))
+    }
+
+    /// Whether a request goes to the `O_DIRECT` descriptor (cache `none`, 4 KiB-aligned).
+    pub fn is_direct_path(&self, offset: u64, len: usize) -> bool {
+        self.direct.is_some() && !Arc::ptr_eq(self.file_for(offset, len), &self.buffered)
+    }
+
+    /// Starts a read (`write == false`) or write of `buf` at `offset` on the engine and calls
+    /// `done(buf, result)` when it completes, without an async task. Only for requests on the
+    /// direct path ([`is_direct_path`](Component::is_direct_path)), whose transfers are
+    /// whole: a short read is the end of the file (the rest reads as zeros) and a short
+    /// write means the device is full (`ENOSPC`). Other requests fail with `EINVAL`.
+    pub fn submit_direct(
+        &self,
+        write: bool,
+        offset: u64,
+        buf: IoBuf,
+        fua: bool,
+        done: impl FnOnce(IoBuf, io::Result<()>) + Send + 'static,
+    ) {
+        let len = buf.len();
+        if !self.is_direct_path(offset, len) {
+            return done(buf, Err(einval()));
+        }
+        let kind = if write {
+            OpKind::Write {
+                offset,
+                buf_start: 0,
+                len,
+                dsync: fua,
+            }
+        } else {
+            OpKind::Read {
+                offset,
+                buf_start: 0,
+                len,
+            }
+        };
+        let file = Arc::clone(self.file_for(offset, len));
+        let callback = move |c: crate::engine::Completion| {
+            let Some(mut buf) = c.buf else {
+                return done(IoBuf::with_len(len), Err(lost_buffer(c.result)));
+            };
+            let result = match c.result {
+                Ok(n) if n == len => Ok(()),
+                Ok(n) if !write => {
+                    buf.as_mut_slice()[n..].fill(0);
+                    Ok(())
+                }
+                Ok(_) => Err(io::Error::from_raw_os_error(libc::ENOSPC)),
+                Err(e) => Err(e),
+            };
+            done(buf, result)
+        };
+        self.engine.submit_with(
+            Op {
+                file,
+                kind,
+                buf: Some(buf),
+            },
+            Box::new(callback),
+        );
+    }
+
     /// Reads `buf.len()` bytes at `offset`. Bytes past the end of the file read as zeros.
     pub async fn read(&self, offset: u64, buf: IoBuf) -> (IoBuf, io::Result<()>) {
         let len = buf.len();

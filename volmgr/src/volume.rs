@@ -176,6 +176,51 @@ impl Volume {
         }
     }
 
+    /// Blocking `O_DIRECT` read or write on a connection thread (never an async task), for a
+    /// request with nothing else in flight. `Err` gives the buffer back when the request is
+    /// not on the direct path.
+    pub fn direct_now(
+        &self,
+        write: bool,
+        offset: u64,
+        buf: IoBuf,
+    ) -> Result<(IoBuf, io::Result<()>), IoBuf> {
+        if !self.is_direct_path(write, offset, buf.len()) {
+            return Err(buf);
+        }
+        match self.layout {
+            Layout::Plain => self.component.direct_now(write, offset, buf),
+        }
+    }
+
+    /// Whether `submit_direct` can take this request (cache `none`, aligned, in range).
+    pub fn is_direct_path(&self, write: bool, offset: u64, len: usize) -> bool {
+        let writable = !write || self.check_writable().is_ok();
+        writable
+            && self.check(offset, len as u64).is_ok()
+            && match self.layout {
+                Layout::Plain => self.component.is_direct_path(offset, len),
+            }
+    }
+
+    /// Starts an `O_DIRECT` read or write without an async task; `done` runs on the engine's
+    /// thread with the buffer and the result. See `raid::Component::submit_direct`.
+    pub fn submit_direct(
+        &self,
+        write: bool,
+        offset: u64,
+        buf: IoBuf,
+        fua: bool,
+        done: impl FnOnce(IoBuf, io::Result<()>) + Send + 'static,
+    ) {
+        if !self.is_direct_path(write, offset, buf.len()) {
+            return done(buf, Err(einval("not a direct-path request")));
+        }
+        match self.layout {
+            Layout::Plain => self.component.submit_direct(write, offset, buf, fua, done),
+        }
+    }
+
     /// Writes `buf` at `offset`; durable on return when `fua`.
     pub async fn write(&self, offset: u64, buf: IoBuf, fua: bool) -> (IoBuf, io::Result<()>) {
         if let Err(e) = self

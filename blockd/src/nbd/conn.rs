@@ -12,9 +12,12 @@
 //!   cheap requests inline: a READ the page cache holds (`RWF_NOWAIT`, never blocks on the
 //!   disk) and a buffered non-FUA WRITE (a copy into the page cache). Their replies are
 //!   batched and sent with one `send` just before the thread would block reading again.
-//! - Everything else (cache misses, `O_DIRECT`, FUA, FLUSH, TRIM, WRITE_ZEROES, CACHE,
-//!   BLOCK_STATUS) runs as an async task on the io_uring engine, so a connection keeps many
-//!   of them in flight. Their replies go to the connection's writer thread.
+//! - Aligned `O_DIRECT` reads and writes (cache `none`) are submitted straight to the
+//!   io_uring engine; the completion callback, on the ring's thread, hands the reply to the
+//!   connection's writer thread.
+//! - Everything else (cache misses, FUA through the page cache, FLUSH, TRIM, WRITE_ZEROES,
+//!   CACHE, BLOCK_STATUS) runs as an async task on the engine, so a connection keeps many of
+//!   them in flight. Their replies also go to the writer thread.
 //! - Both write the socket under one mutex, a whole batch of replies at a time.
 //!
 //! Bounds: at most [`INFLIGHT_MAX`] requests and [`INFLIGHT_BYTES_MAX`] payload bytes in
@@ -314,16 +317,26 @@ fn drain(r: &mut impl Read, n: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Runs a request inline if it is cheap; otherwise hands back the buffer it has.
+/// Runs a request inline if it is cheap, or if it is the connection's only request in flight
+/// (`alone`: then blocking here on an `O_DIRECT` transfer gives the lowest latency, and the
+/// other connection thread is already reading the next request); otherwise hands back the
+/// buffer it has.
 fn inline(
     volume: &Volume,
     req: &Request,
     payload: Option<IoBuf>,
+    alone: bool,
 ) -> Result<Outcome, Option<IoBuf>> {
     let fua = req.flags & CMD_FLAG_FUA != 0;
     let attempt = match (req.kind, payload) {
-        (CMD_READ, _) => volume.try_read(req.offset, IoBuf::with_len(req.len as usize)),
-        (CMD_WRITE, Some(buf)) if !fua => volume.write_now(req.offset, buf),
+        (CMD_READ, _) => match volume.try_read(req.offset, IoBuf::with_len(req.len as usize)) {
+            Err(buf) if alone => volume.direct_now(false, req.offset, buf),
+            other => other,
+        },
+        (CMD_WRITE, Some(buf)) if !fua => match volume.write_now(req.offset, buf) {
+            Err(buf) if alone => volume.direct_now(true, req.offset, buf),
+            other => other,
+        },
         (_, payload) => return Err(payload),
     };
     match attempt {
@@ -416,7 +429,13 @@ impl Shared {
     }
 
     /// Answers a job inline (into `out`) or starts it on the engine.
-    fn process(&self, job: Job, out: &mut Vec<u8>, tx: &mpsc::Sender<Reply>) -> io::Result<()> {
+    fn process(
+        &self,
+        job: Job,
+        out: &mut Vec<u8>,
+        tx: &mpsc::Sender<Reply>,
+        alone: bool,
+    ) -> io::Result<()> {
         let Job {
             req,
             payload,
@@ -424,7 +443,7 @@ impl Shared {
         } = job;
         let started = Instant::now();
         self.metrics.started();
-        match inline(&self.volume, &req, payload) {
+        match inline(&self.volume, &req, payload, alone) {
             Ok(outcome) => {
                 self.metrics.finished(
                     req.kind,
@@ -442,6 +461,41 @@ impl Shared {
                         _ticket: Some(ticket),
                     },
                 )
+            }
+            Err(payload)
+                if matches!(req.kind, CMD_READ | CMD_WRITE)
+                    && self.volume.is_direct_path(
+                        req.kind == CMD_WRITE,
+                        req.offset,
+                        req.len as usize,
+                    ) =>
+            {
+                // O_DIRECT: straight to the ring; the reply goes from the ring's thread to the
+                // writer thread, with no async task in between.
+                let buf = payload.unwrap_or_else(|| IoBuf::with_len(req.len as usize));
+                let (tx, metrics) = (tx.clone(), Arc::clone(&self.metrics));
+                let fua = req.flags & CMD_FLAG_FUA != 0;
+                let write = req.kind == CMD_WRITE;
+                self.volume
+                    .submit_direct(write, req.offset, buf, fua, move |buf, res| {
+                        let outcome = match res {
+                            Ok(()) if !write => Outcome::Data(buf),
+                            Ok(()) => Outcome::Done,
+                            Err(e) => io_error(&e),
+                        };
+                        metrics.finished(
+                            req.kind,
+                            req.len,
+                            matches!(outcome, Outcome::Error(..)),
+                            started,
+                        );
+                        let _ = tx.send(Reply {
+                            req,
+                            outcome,
+                            _ticket: Some(ticket),
+                        });
+                    });
+                Ok(())
             }
             Err(payload) => {
                 let (tx, volume, metrics) = (
@@ -514,8 +568,10 @@ impl Shared {
             if !more {
                 drop(rd);
             }
+            // Nothing buffered and nothing else in flight: latency matters more than overlap.
+            let alone = !more && self.gate.lock().requests == 1;
             if let Some(job) = job {
-                if let Err(e) = self.process(job, &mut out, tx) {
+                if let Err(e) = self.process(job, &mut out, tx, alone) {
                     break Err(e);
                 }
             }

@@ -85,6 +85,10 @@ pub struct Completion {
     pub result: io::Result<usize>,
 }
 
+/// Called with an operation's completion. On the io_uring engine it runs on the ring's
+/// thread, so it must be quick and must not block (hand the result to another thread).
+pub type Callback = Box<dyn FnOnce(Completion) + Send>;
+
 /// Errors starting an engine.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -158,6 +162,16 @@ impl DeviceEngine {
         match &self.backend {
             Backend::Uring(ring) => ring.submit(op).await,
             Backend::Sync => sync::run(op).await,
+        }
+    }
+
+    /// Runs `op` and calls `done` with its completion, for callers that are not async tasks
+    /// (an NBD connection thread): no task, no runtime hand-off. With io_uring, `done` runs
+    /// on the ring's thread; the sync engine runs the operation on the calling thread.
+    pub fn submit_with(&self, op: Op, done: Callback) {
+        match &self.backend {
+            Backend::Uring(ring) => ring.submit_with(op, done),
+            Backend::Sync => done(sync::run_blocking(op)),
         }
     }
 }

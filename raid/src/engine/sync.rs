@@ -23,7 +23,7 @@ pub(super) async fn run(op: Op) -> Completion {
     }
 }
 
-fn run_blocking(mut op: Op) -> Completion {
+pub(super) fn run_blocking(mut op: Op) -> Completion {
     let result = match op.kind {
         OpKind::Read {
             offset,

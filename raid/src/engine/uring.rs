@@ -23,7 +23,7 @@ use io_uring::{opcode, squeue, types, IoUring, Probe};
 use slab::Slab;
 use tokio::sync::oneshot;
 
-use super::{Completion, EngineError, Op, OpKind};
+use super::{Callback, Completion, EngineError, Op, OpKind};
 
 /// Ring size: bounds the operations in the kernel at once for one device. 256 covers many
 /// connections at QD32 while keeping the ring's memory small; beyond it, work waits in the
@@ -33,9 +33,28 @@ const RING_ENTRIES: u32 = 256;
 const INFLIGHT_MAX: usize = RING_ENTRIES as usize - 1;
 const WAKE_TOKEN: u64 = u64::MAX;
 
+/// Where a completion goes.
+enum Done {
+    /// An awaiting task (dropped receiver: the result is discarded).
+    Task(oneshot::Sender<Completion>),
+    /// A callback, run on this thread.
+    Call(Callback),
+}
+
+impl Done {
+    fn complete(self, c: Completion) {
+        match self {
+            Done::Task(tx) => {
+                let _ = tx.send(c);
+            }
+            Done::Call(f) => f(c),
+        }
+    }
+}
+
 struct Submission {
     op: Op,
-    done: oneshot::Sender<Completion>,
+    done: Done,
 }
 
 struct Waker {
@@ -102,21 +121,39 @@ impl Ring {
         })
     }
 
+    /// Queues a submission; gives it back if the engine has stopped.
+    fn send(&self, sub: Submission) -> Result<(), Submission> {
+        let Some(tx) = self.tx.as_ref() else {
+            return Err(sub);
+        };
+        tx.send(sub).map_err(|mpsc::SendError(sub)| sub)?;
+        self.waker.wake();
+        Ok(())
+    }
+
+    pub(super) fn submit_with(&self, op: Op, done: Callback) {
+        if let Err(sub) = self.send(Submission {
+            op,
+            done: Done::Call(done),
+        }) {
+            sub.done.complete(Completion {
+                buf: sub.op.buf,
+                result: Err(io::Error::other("io_uring engine has stopped")),
+            });
+        }
+    }
+
     pub(super) async fn submit(&self, op: Op) -> Completion {
         let (done, wait) = oneshot::channel();
-        let Some(tx) = self.tx.as_ref() else {
-            return Completion {
-                buf: op.buf,
-                result: Err(io::Error::other("io_uring engine has stopped")),
-            };
-        };
-        if let Err(mpsc::SendError(sub)) = tx.send(Submission { op, done }) {
+        if let Err(sub) = self.send(Submission {
+            op,
+            done: Done::Task(done),
+        }) {
             return Completion {
                 buf: sub.op.buf,
                 result: Err(io::Error::other("io_uring engine has stopped")),
             };
         }
-        self.waker.wake();
         match wait.await {
             Ok(done) => done,
             Err(_) => Completion {
@@ -221,7 +258,7 @@ fn run(mut ring: IoUring, rx: mpsc::Receiver<Submission>, waker: &Waker) -> io::
                     Ok(res as usize)
                 };
                 // A receiver that went away (cancelled caller) simply drops the buffer here.
-                let _ = entry.sub.done.send(Completion {
+                entry.sub.done.complete(Completion {
                     buf: entry.sub.op.buf,
                     result,
                 });
@@ -254,7 +291,7 @@ fn fill(ring: &mut IoUring, inflight: &mut Slab<InFlight>, backlog: &mut VecDequ
         let sqe = match build(&mut sub.op) {
             Ok(sqe) => sqe.user_data(entry.key() as u64),
             Err(e) => {
-                let _ = sub.done.send(Completion {
+                sub.done.complete(Completion {
                     buf: sub.op.buf,
                     result: Err(e),
                 });
@@ -348,13 +385,13 @@ fn fail_all(inflight: &mut Slab<InFlight>, backlog: &mut VecDeque<Submission>, e
         let InFlight { sub } = entry;
         let Submission { op, done } = sub;
         std::mem::forget(op.buf);
-        let _ = done.send(Completion {
+        done.complete(Completion {
             buf: None,
             result: Err(io::Error::new(e.kind(), format!("io_uring failed: {e}"))),
         });
     }
     for sub in backlog.drain(..) {
-        let _ = sub.done.send(Completion {
+        sub.done.complete(Completion {
             buf: sub.op.buf,
             result: Err(io::Error::new(e.kind(), format!("io_uring failed: {e}"))),
         });
