@@ -234,7 +234,31 @@ def check_garbage_and_torn_write_spare_other_sessions():
     good.shutdown()
 
 
+def check_export_name_negotiation():
+    # Old clients end the handshake with NBD_OPT_EXPORT_NAME (no error channel): the server
+    # answers size, flags and (without NO_ZEROES) 124 zero bytes.
+    s = socket.create_connection((HOST, PORT), timeout=10)
+    recv_exact(s, 18)
+    s.sendall(struct.pack(">I", 1))  # fixed newstyle, but zeroes wanted
+    name = VOLUME.encode()
+    s.sendall(struct.pack(">QII", 0x49484156454F5054, 1, len(name)) + name)
+    size, flags = struct.unpack(">QH", recv_exact(s, 10))
+    assert recv_exact(s, 124) == bytes(124), "padding after EXPORT_NAME must be zeroes"
+    assert flags & 1 and size > 0
+    raw_request(s, NBD_CMD_READ, 0, 4096, cookie=9)
+    err, data = raw_reply(s, 9, 4096)
+    assert err == 0 and len(data) == 4096
+    s.close()
+    # An unknown export with EXPORT_NAME: the server can only hang up.
+    s = socket.create_connection((HOST, PORT), timeout=10)
+    recv_exact(s, 18)
+    s.sendall(struct.pack(">I", 3) + struct.pack(">QII", 0x49484156454F5054, 1, 7) + b"nothere")
+    assert s.recv(1) == b"", "unknown EXPORT_NAME must close the connection"
+    s.close()
+
+
 CHECKS = [
+    check_export_name_negotiation,
     check_many_in_flight,
     check_multi_conn,
     check_block_status_after_trim_and_zero,

@@ -25,3 +25,17 @@ fn libnbd_protocol_checks_with_cache_none() {
     );
     assert!(out.contains(" passed, 0 failed"), "{out}");
 }
+
+#[test]
+fn connections_beyond_the_limit_are_refused_and_the_rest_keep_working() {
+    let d = Daemon::start(&["--volume", "v=16M", "--max-connections", "2"]);
+    let out = tests::python("connection_limit.py", &[&d.uri("v")]);
+    assert!(out.contains("ok"), "{out}");
+    let metrics = d.metrics();
+    let refused: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("blockd_nbd_connections_refused_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(refused >= 1.0, "no refusal counted:\n{metrics}");
+}
