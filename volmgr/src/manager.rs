@@ -222,6 +222,17 @@ impl VolumeManager {
         }
     }
 
+    /// The named volume and a copy of the catalog to modify (under the admin lock).
+    fn find(&self, name: &str) -> Result<(Arc<Volume>, Catalog), Error> {
+        let inner = self.inner();
+        let volume = inner
+            .volumes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(name.into()))?;
+        Ok((volume, inner.catalog.clone()))
+    }
+
     async fn persist(&self, mut catalog: Catalog) -> Result<Catalog, Error> {
         let store = Arc::clone(&self.store);
         tokio::task::spawn_blocking(move || store.store(&mut catalog).map(|()| catalog))
@@ -294,15 +305,7 @@ impl VolumeManager {
     pub async fn resize(&self, name: &str, size_bytes: u64) -> Result<Arc<Volume>, Error> {
         validate_size(size_bytes)?;
         let _admin = self.admin.lock().await;
-        let (volume, mut catalog) = {
-            let inner = self.inner();
-            let volume = inner
-                .volumes
-                .get(name)
-                .cloned()
-                .ok_or_else(|| Error::NotFound(name.into()))?;
-            (volume, inner.catalog.clone())
-        };
+        let (volume, mut catalog) = self.find(name)?;
         if volume.ephemeral() {
             return Err(Error::Invalid(format!("volume {name:?} is served from a file given on the command line; resize the file instead")));
         }
@@ -333,15 +336,7 @@ impl VolumeManager {
     /// which disconnects them.
     pub async fn delete(&self, name: &str, force: bool) -> Result<(), Error> {
         let _admin = self.admin.lock().await;
-        let (volume, mut catalog) = {
-            let inner = self.inner();
-            let volume = inner
-                .volumes
-                .get(name)
-                .cloned()
-                .ok_or_else(|| Error::NotFound(name.into()))?;
-            (volume, inner.catalog.clone())
-        };
+        let (volume, mut catalog) = self.find(name)?;
         if volume.ephemeral() {
             return Err(Error::Invalid(format!("volume {name:?} is served from a file given on the command line; restart blockd without it")));
         }

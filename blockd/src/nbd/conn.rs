@@ -180,9 +180,6 @@ pub enum End {
     WriterGone(io::Error),
 }
 
-/// Payloads at least this big are written straight from their buffer instead of copied.
-const COPY_MAX_BYTES: usize = 64 << 10;
-
 /// Writes `out` (and a large payload after it) to the socket under its lock, with one
 /// `writev` where the socket takes it all.
 fn send(sock: &Mutex<Socket>, out: &mut Vec<u8>, data: Option<&IoBuf>) -> io::Result<()> {
@@ -347,6 +344,29 @@ fn inline(
     }
 }
 
+/// Reports a request finished off the connection thread: metrics, then the reply to the
+/// writer thread (which is gone only if the session already ended).
+fn complete(
+    tx: &mpsc::Sender<Reply>,
+    metrics: &SessionMetrics,
+    req: Request,
+    outcome: Outcome,
+    ticket: Ticket,
+    started: Instant,
+) {
+    metrics.finished(
+        req.kind,
+        req.len,
+        matches!(outcome, Outcome::Error(..)),
+        started,
+    );
+    let _ = tx.send(Reply {
+        req,
+        outcome,
+        _ticket: Some(ticket),
+    });
+}
+
 /// Everything the connection's threads share.
 struct Shared {
     volume: Arc<Volume>,
@@ -483,17 +503,7 @@ impl Shared {
                             Ok(()) => Outcome::Done,
                             Err(e) => io_error(&e),
                         };
-                        metrics.finished(
-                            req.kind,
-                            req.len,
-                            matches!(outcome, Outcome::Error(..)),
-                            started,
-                        );
-                        let _ = tx.send(Reply {
-                            req,
-                            outcome,
-                            _ticket: Some(ticket),
-                        });
+                        complete(&tx, &metrics, req, outcome, ticket, started);
                     });
                 Ok(())
             }
@@ -505,17 +515,7 @@ impl Shared {
                 );
                 self.runtime.spawn(async move {
                     let outcome = execute(&volume, req, payload).await;
-                    metrics.finished(
-                        req.kind,
-                        req.len,
-                        matches!(outcome, Outcome::Error(..)),
-                        started,
-                    );
-                    let _ = tx.send(Reply {
-                        req,
-                        outcome,
-                        _ticket: Some(ticket),
-                    });
+                    complete(&tx, &metrics, req, outcome, ticket, started);
                 });
                 Ok(())
             }
@@ -595,10 +595,6 @@ impl Shared {
         self.control.shutdown_read();
     }
 }
-
-/// Threads serving one connection. Two, so that one waits in `recv` while the other answers
-/// (see the module docs); more would only add lock traffic at any queue depth.
-const CONNECTION_THREADS: usize = 2;
 
 /// Runs the transmission phase on dedicated threads until the session ends.
 pub fn run(sock: Socket, neg: Negotiated, runtime: Handle, metrics: Arc<SessionMetrics>) -> End {

@@ -36,6 +36,12 @@ pub const CONNECTIONS_DEFAULT_MAX: usize = 256;
 pub const EXTENTS_MAX: usize = 1024;
 /// How long a shutdown waits for sessions to finish their in-flight requests.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Threads serving one connection: two, so that one waits in `recv` while the other answers
+/// (see `conn`); more would only add lock traffic at any queue depth.
+pub const CONNECTION_THREADS: usize = 2;
+/// Reply payloads at least this big are sent straight from their buffer (not copied into the
+/// batch), and requests this big are not batched: they run beside the next request.
+pub const COPY_MAX_BYTES: usize = 64 << 10;
 /// Socket read buffer: many small request headers per `read(2)` at high queue depth.
 pub const READ_BUFFER_BYTES: usize = 256 << 10;
 /// Replies are batched into one `write(2)` up to this size; larger payloads go on their own.
