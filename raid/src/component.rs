@@ -185,6 +185,32 @@ impl Component {
         Ok((buf, res))
     }
 
+    /// Blocking read through the page cache on the calling thread (a cache miss goes to the
+    /// disk): for a connection thread with nothing else in flight, never an async task.
+    /// Gives the buffer back (`Err`) for direct-path or oversized requests.
+    pub fn read_now(&self, offset: u64, mut buf: IoBuf) -> Result<(IoBuf, io::Result<()>), IoBuf> {
+        let len = buf.len();
+        if len > NOWAIT_MAX_BYTES || !Arc::ptr_eq(self.file_for(offset, len), &self.buffered) {
+            return Err(buf);
+        }
+        let mut done = 0;
+        while done < len {
+            match self
+                .buffered
+                .read_at(&mut buf.as_mut_slice()[done..], offset + done as u64)
+            {
+                Ok(0) => {
+                    buf.as_mut_slice()[done..].fill(0);
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Ok((buf, Err(e))),
+            }
+        }
+        Ok((buf, Ok(())))
+    }
+
     /// Blocking `O_DIRECT` read or (non-FUA) write on the calling thread: the lowest-latency
     /// path for a connection thread with nothing else in flight. Only for a thread dedicated
     /// to one connection, never an async task. Gives the buffer back (`Err`) when the request

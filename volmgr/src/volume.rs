@@ -193,6 +193,17 @@ impl Volume {
         }
     }
 
+    /// Blocking page-cache read on a connection thread (never an async task), for a request
+    /// with nothing else in flight. `Err` gives the buffer back when it does not qualify.
+    pub fn read_now(&self, offset: u64, buf: IoBuf) -> Result<(IoBuf, io::Result<()>), IoBuf> {
+        if self.check(offset, buf.len() as u64).is_err() {
+            return Err(buf);
+        }
+        match self.layout {
+            Layout::Plain => self.component.read_now(offset, buf),
+        }
+    }
+
     /// Whether `submit_direct` can take this request (cache `none`, aligned, in range).
     pub fn is_direct_path(&self, write: bool, offset: u64, len: usize) -> bool {
         let writable = !write || self.check_writable().is_ok();

@@ -315,7 +315,8 @@ fn drain(r: &mut impl Read, n: u64) -> io::Result<()> {
 }
 
 /// Runs a request inline if it is cheap, or if it is the connection's only request in flight
-/// (`alone`: then blocking here on an `O_DIRECT` transfer gives the lowest latency, and the
+/// (`alone`: then blocking here on a disk read or an `O_DIRECT` transfer gives the lowest
+/// latency, and the
 /// other connection thread is already reading the next request); otherwise hands back the
 /// buffer it has.
 fn inline(
@@ -327,7 +328,9 @@ fn inline(
     let fua = req.flags & CMD_FLAG_FUA != 0;
     let attempt = match (req.kind, payload) {
         (CMD_READ, _) => match volume.try_read(req.offset, IoBuf::with_len(req.len as usize)) {
-            Err(buf) if alone => volume.direct_now(false, req.offset, buf),
+            Err(buf) if alone => volume
+                .direct_now(false, req.offset, buf)
+                .or_else(|buf| volume.read_now(req.offset, buf)),
             other => other,
         },
         (CMD_WRITE, Some(buf)) if !fua => match volume.write_now(req.offset, buf) {
@@ -565,11 +568,23 @@ impl Shared {
                 .as_ref()
                 .is_none_or(|j| j.req.len < COPY_MAX_BYTES as u64);
             let more = small && complete_request(rd.buf.buffer(), self.export.extended);
-            if !more {
-                drop(rd);
-            }
             // Nothing buffered and nothing else in flight: latency matters more than overlap.
             let alone = !more && self.gate.lock().requests == 1;
+            // A lone O_DIRECT transfer sleeps on the disk: handing the read side over would
+            // only add a wake-up of the other thread to every round trip (measured: QD1 p50
+            // 111 us with the hand-off, 76 us without). Keep it, after sending any replies.
+            let on_disk = alone && job.as_ref().is_some_and(|j| self.sleeps_on_disk(&j.req));
+            let held = if more || on_disk {
+                Some(rd)
+            } else {
+                drop(rd);
+                None
+            };
+            if on_disk && !out.is_empty() {
+                if let Err(e) = send(&self.write_half, &mut out, None) {
+                    break Err(e);
+                }
+            }
             if let Some(job) = job {
                 if let Err(e) = self.process(job, &mut out, tx, alone) {
                     break Err(e);
@@ -580,11 +595,21 @@ impl Shared {
                     break Err(e);
                 }
             }
+            drop(held);
         };
         let result = result.and_then(|()| send(&self.write_half, &mut out, None));
         if let Err(e) = result {
             self.finish(&mut self.reader(), End::WriterGone(e));
         }
+    }
+
+    /// Whether `inline` would serve this request with a blocking `O_DIRECT` transfer.
+    fn sleeps_on_disk(&self, req: &Request) -> bool {
+        matches!(req.kind, CMD_READ | CMD_WRITE)
+            && req.flags & CMD_FLAG_FUA == 0
+            && self
+                .volume
+                .is_direct_path(req.kind == CMD_WRITE, req.offset, req.len as usize)
     }
 
     /// Records why the session ended (first reason wins) and wakes a thread blocked reading.
