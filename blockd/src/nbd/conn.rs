@@ -28,6 +28,7 @@
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -70,6 +71,27 @@ impl Socket {
             Socket::Tcp(s) => s.shutdown(Shutdown::Write),
             Socket::Unix(s) => s.shutdown(Shutdown::Write),
         };
+    }
+}
+
+impl std::os::fd::AsFd for Socket {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Socket::Tcp(s) => s.as_fd(),
+            Socket::Unix(s) => s.as_fd(),
+        }
+    }
+}
+
+impl Socket {
+    /// Whether bytes are waiting to be read (a zero-timeout poll; never blocks).
+    fn readable(&self) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let mut fds = [PollFd::new(
+            std::os::fd::AsFd::as_fd(self),
+            PollFlags::POLLIN,
+        )];
+        matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
     }
 }
 
@@ -380,6 +402,9 @@ struct Shared {
     /// A handle used only to shut the read side down (wakes a thread blocked reading).
     control: Socket,
     reader: Mutex<ReadSide>,
+    /// Requests left during which a lone disk transfer must not keep the read side: set when
+    /// keeping it made the next request wait (the client had more in flight than one).
+    no_hold: std::sync::atomic::AtomicU32,
     runtime: Handle,
     metrics: Arc<SessionMetrics>,
 }
@@ -573,7 +598,16 @@ impl Shared {
             // A lone O_DIRECT transfer sleeps on the disk: handing the read side over would
             // only add a wake-up of the other thread to every round trip (measured: QD1 p50
             // 111 us with the hand-off, 76 us without). Keep it, after sending any replies.
-            let on_disk = alone && job.as_ref().is_some_and(|j| self.sleeps_on_disk(&j.req));
+            // Only while the client really runs one request at a time: if the next request
+            // arrived during a held transfer, holding would serialise it, so stop for a while.
+            let may_hold = self
+                .no_hold
+                .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+                .is_err();
+            let on_disk = may_hold
+                && alone
+                && small
+                && job.as_ref().is_some_and(|j| self.sleeps_on_disk(&j.req));
             let held = if more || on_disk {
                 Some(rd)
             } else {
@@ -589,6 +623,11 @@ impl Shared {
                 if let Err(e) = self.process(job, &mut out, tx, alone) {
                     break Err(e);
                 }
+            }
+            // Before the reply goes out: a QD1 client cannot have sent anything yet, so bytes
+            // waiting now mean it has more requests in flight.
+            if on_disk && self.control.readable() {
+                self.no_hold.store(HOLD_BACKOFF_REQUESTS, Relaxed);
             }
             if !more && !out.is_empty() {
                 if let Err(e) = send(&self.write_half, &mut out, None) {
@@ -660,6 +699,7 @@ pub fn run(sock: Socket, neg: Negotiated, runtime: Handle, metrics: Arc<SessionM
         gate: Arc::new(Gate::default()),
         write_half: Arc::clone(&write_half),
         control,
+        no_hold: std::sync::atomic::AtomicU32::new(0),
         reader: Mutex::new(ReadSide {
             buf: BufReader::with_capacity(READ_BUFFER_BYTES, sock),
             end: None,

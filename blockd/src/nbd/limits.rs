@@ -42,6 +42,10 @@ pub const CONNECTION_THREADS: usize = 2;
 /// Reply payloads at least this big are sent straight from their buffer (not copied into the
 /// batch), and requests this big are not batched: they run beside the next request.
 pub const COPY_MAX_BYTES: usize = 64 << 10;
+/// After a lone disk transfer held the read side while the next request was already
+/// waiting (the client has more than one request in flight), this many requests hand the
+/// read side over instead, so they overlap on the disk.
+pub const HOLD_BACKOFF_REQUESTS: u32 = 64;
 /// Socket read buffer: many small request headers per `read(2)` at high queue depth.
 pub const READ_BUFFER_BYTES: usize = 256 << 10;
 /// Replies are batched into one `write(2)` up to this size; larger payloads go on their own.
