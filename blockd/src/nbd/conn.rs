@@ -12,7 +12,13 @@
 //!   cheap requests inline: a READ the page cache holds (`RWF_NOWAIT`, never blocks on the
 //!   disk) and a buffered non-FUA WRITE (a copy into the page cache). Their replies are
 //!   batched and sent with one `send` just before the thread would block reading again.
-//! - Aligned `O_DIRECT` reads and writes (cache `none`) are submitted straight to the
+//! - A request that is the connection's only one in flight and must wait on the disk (an
+//!   aligned `O_DIRECT` transfer, or a page-cache miss) is done with a blocking `pread` or
+//!   `pwrite` on the connection thread: at QD1 that is the shortest path. A small `O_DIRECT`
+//!   one even keeps the read side meanwhile (handing it over would add a wake-up to every
+//!   round trip), but only while the client really runs one request at a time: a zero-timeout
+//!   poll before the reply goes out detects a waiting next request and stops it for a while.
+//! - Other aligned `O_DIRECT` reads and writes (cache `none`) are submitted straight to the
 //!   io_uring engine; the completion callback, on the ring's thread, hands the reply to the
 //!   connection's writer thread.
 //! - Everything else (cache misses, FUA through the page cache, FLUSH, TRIM, WRITE_ZEROES,
