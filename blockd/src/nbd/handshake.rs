@@ -178,14 +178,7 @@ where
                 }
                 w.write_all(&out).await?;
                 w.flush().await?;
-                let meta_allocation = st.meta_for(&name);
-                return Ok(Some(Negotiated {
-                    volume,
-                    structured: st.structured,
-                    extended: st.extended,
-                    meta_allocation,
-                    flags,
-                }));
+                return Ok(Some(st.negotiated(volume, &name)));
             }
             OPT_ABORT => {
                 // The client may hang up without reading the ACK.
@@ -222,19 +215,10 @@ where
                 }
             }
             OPT_INFO | OPT_GO => {
-                if let Some(volume) = st.info(w, option, &data).await? {
+                if let Some((volume, name)) = st.info(w, option, &data).await? {
                     if option == OPT_GO {
-                        let name = parse_info(&data).map(|(n, _)| n).unwrap_or_default();
-                        let meta_allocation = st.meta_for(&name);
-                        let flags = transmission_flags(&volume, st.structured);
                         w.flush().await?;
-                        return Ok(Some(Negotiated {
-                            volume,
-                            structured: st.structured,
-                            extended: st.extended,
-                            meta_allocation,
-                            flags,
-                        }));
+                        return Ok(Some(st.negotiated(volume, &name)));
                     }
                 }
             }
@@ -350,6 +334,17 @@ fn parse_meta(data: &[u8]) -> Result<(String, Vec<String>), &'static str> {
 }
 
 impl State<'_> {
+    /// The outcome of a successful GO or EXPORT_NAME for `export`.
+    fn negotiated(&self, volume: Arc<Volume>, export: &str) -> Negotiated {
+        Negotiated {
+            flags: transmission_flags(&volume, self.structured),
+            volume,
+            structured: self.structured,
+            extended: self.extended,
+            meta_allocation: self.meta_for(export),
+        }
+    }
+
     /// The `base:allocation` id if the selection was made for this export.
     fn meta_for(&self, export: &str) -> Option<u32> {
         match &self.meta {
@@ -364,7 +359,7 @@ impl State<'_> {
         w: &mut W,
         option: u32,
         data: &[u8],
-    ) -> std::io::Result<Option<Arc<Volume>>> {
+    ) -> std::io::Result<Option<(Arc<Volume>, String)>> {
         let Some((name, requested)) = parse_info(data) else {
             error(w, option, REP_ERR_INVALID, "malformed INFO/GO request").await?;
             return Ok(None);
@@ -400,7 +395,7 @@ impl State<'_> {
         export.extend_from_slice(&transmission_flags(&volume, self.structured).to_be_bytes());
         reply(w, option, REP_INFO, &export).await?;
         reply(w, option, REP_ACK, &[]).await?;
-        Ok(Some(volume))
+        Ok(Some((volume, name)))
     }
 
     async fn meta_context<W: AsyncWrite + Unpin>(
