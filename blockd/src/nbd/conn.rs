@@ -424,6 +424,11 @@ struct Job {
 
 struct ReadSide {
     buf: BufReader<Socket>,
+    /// Requests read since the buffer last ran dry.
+    burst: usize,
+    /// The last burst held more than one request: the client keeps several in flight, so one
+    /// thread keeps the read side and batches (handing over would only add wake-ups).
+    deep: bool,
     /// Set by the thread that ended the session; the others leave when they see it.
     end: Option<End>,
 }
@@ -599,6 +604,11 @@ impl Shared {
                 .as_ref()
                 .is_none_or(|j| j.req.len < COPY_MAX_BYTES as u64);
             let more = small && complete_request(rd.buf.buffer(), self.export.extended);
+            rd.burst += 1;
+            if rd.buf.buffer().is_empty() {
+                rd.deep = rd.burst > 1;
+                rd.burst = 0;
+            }
             // Nothing buffered and nothing else in flight: latency matters more than overlap.
             let alone = !more && self.gate.lock().requests == 1;
             // A lone O_DIRECT transfer sleeps on the disk: handing the read side over would
@@ -614,7 +624,7 @@ impl Shared {
                 && alone
                 && small
                 && job.as_ref().is_some_and(|j| self.sleeps_on_disk(&j.req));
-            let held = if more || on_disk {
+            let held = if more || on_disk || (rd.deep && small) {
                 Some(rd)
             } else {
                 drop(rd);
@@ -707,6 +717,8 @@ pub fn run(sock: Socket, neg: Negotiated, runtime: Handle, metrics: Arc<SessionM
         control,
         no_hold: std::sync::atomic::AtomicU32::new(0),
         reader: Mutex::new(ReadSide {
+            burst: 0,
+            deep: false,
             buf: BufReader::with_capacity(READ_BUFFER_BYTES, sock),
             end: None,
         }),
