@@ -25,6 +25,7 @@
 //!   duplicates; what P journals for replay is the full new parity, never the delta;
 //! - recovery goes forward only if both hardened marks are durable, else backward.
 
+pub mod file_disk;
 pub mod node;
 pub mod recovery;
 pub mod sim;
