@@ -113,17 +113,14 @@ fn writes_survive_on_real_files_and_recover_from_the_journals() {
     for stripe in 0..layout.stripes {
         let read = |n: NodeId| cl.nodes[n].disk.read(rec.maps[n][stripe as usize]);
         let mut xor = vec![0u8; BLOCK];
-        for column in 0..layout.data_columns {
+        for (column, want) in last[stripe as usize].iter().enumerate() {
             let node = layout.data_node(stripe, column);
             assert_eq!(
                 rec.maps[node][stripe as usize],
                 cl.nodes[node].location(stripe)
             );
             let block = read(node);
-            assert!(
-                block == last[stripe as usize][column],
-                "stripe {stripe} column {column}"
-            );
+            assert!(&block == want, "stripe {stripe} column {column}");
             raid::parity::xor_into(&mut xor, &block);
         }
         assert!(
