@@ -18,7 +18,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
-pub use record::{Body, Free, Mark, Mj, Pj, Record, Replay, Tail};
+pub use record::{Body, Free, Intent, Mark, Record, Replay, Tail};
 
 #[derive(Debug)]
 struct State {

@@ -43,30 +43,16 @@ struct Header {
 }
 const _: () = assert!(std::mem::size_of::<Header>() == HEADER_BYTES);
 
-/// A data node's intent: block `column` of `stripe` gets new data at `new_loc`; the old data
-/// stays at `old_loc` until both sides have hardened.
+/// An update's intent, journalled before anything points at the new location. As `mj` (data
+/// node): block `column` of `stripe` gets new data at `new_loc`, `new_crc` its crc32c. As `pj`
+/// (parity node): the full new parity (never a delta, so replay cannot apply anything twice)
+/// goes to `new_loc`, for the update of data `column`. Either way the old version stays at
+/// `old_loc` until both sides have hardened.
 #[repr(C)]
 #[derive(
     FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Debug, Clone, Copy, PartialEq, Eq,
 )]
-pub struct Mj {
-    pub write_id: U64,
-    pub stripe: U64,
-    pub stripe_seq: U64,
-    pub new_loc: U64,
-    pub old_loc: U64,
-    pub column: U32,
-    /// crc32c of the new block.
-    pub new_crc: U32,
-}
-
-/// A parity node's intent: the full new parity of `stripe` is at `new_loc` (never a delta,
-/// so replay cannot apply anything twice); the old parity stays at `old_loc`.
-#[repr(C)]
-#[derive(
-    FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Debug, Clone, Copy, PartialEq, Eq,
-)]
-pub struct Pj {
+pub struct Intent {
     pub write_id: U64,
     pub stripe: U64,
     pub stripe_seq: U64,
@@ -99,8 +85,8 @@ pub struct Free {
 /// What a record says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Body {
-    Mj(Mj),
-    Pj(Pj),
+    Mj(Intent),
+    Pj(Intent),
     /// This (data) side's new data and `mj` are durable.
     DataHardened(Mark),
     /// This (parity) side's new parity and `pj` are durable.
@@ -128,8 +114,7 @@ impl Body {
 
     fn bytes(&self) -> &[u8] {
         match self {
-            Body::Mj(b) => b.as_bytes(),
-            Body::Pj(b) => b.as_bytes(),
+            Body::Mj(b) | Body::Pj(b) => b.as_bytes(),
             Body::DataHardened(b) | Body::ParityHardened(b) | Body::PeerHardened(b) => b.as_bytes(),
             Body::MjComplete(b) | Body::PjComplete(b) => b.as_bytes(),
             Body::Free(b) => b.as_bytes(),
@@ -138,8 +123,8 @@ impl Body {
 
     fn decode(kind: u16, body: &[u8]) -> Option<Body> {
         Some(match kind {
-            1 => Body::Mj(Mj::read_from_bytes(body).ok()?),
-            2 => Body::Pj(Pj::read_from_bytes(body).ok()?),
+            1 => Body::Mj(Intent::read_from_bytes(body).ok()?),
+            2 => Body::Pj(Intent::read_from_bytes(body).ok()?),
             3 => Body::DataHardened(Mark::read_from_bytes(body).ok()?),
             4 => Body::ParityHardened(Mark::read_from_bytes(body).ok()?),
             5 => Body::PeerHardened(Mark::read_from_bytes(body).ok()?),
@@ -286,7 +271,7 @@ mod tests {
             .map(|i| Record {
                 seq: 100 + i,
                 body: match i % 4 {
-                    0 => Body::Mj(Mj {
+                    0 => Body::Mj(Intent {
                         write_id: U64::new(i),
                         stripe: U64::new(3),
                         stripe_seq: U64::new(i),

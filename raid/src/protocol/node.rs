@@ -7,7 +7,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use zerocopy::little_endian::{U32, U64};
 
 use super::{Disk, Layout, Loc, Msg, NodeId, Toughness, WriteId};
-use crate::journal::record::{self, Body, Free, Mark, Mj, Pj, Record};
+use crate::journal::record::{self, Body, Free, Intent, Mark, Record};
 use crate::parity;
 
 /// What a node wants done after a handler returns.
@@ -242,7 +242,7 @@ impl<D: Disk> Node<D> {
         *seq += 1;
         let seq = *seq;
         self.disk.write(new_loc, &w.data);
-        self.journal(Body::Mj(Mj {
+        self.journal(Body::Mj(Intent {
             write_id: U64::new(w.write_id),
             stripe: U64::new(stripe),
             stripe_seq: U64::new(seq),
@@ -332,7 +332,7 @@ impl<D: Disk> Node<D> {
             out.corrupt.push(req.write_id);
             return;
         };
-        self.journal(Body::Pj(Pj {
+        self.journal(Body::Pj(Intent {
             write_id: U64::new(req.write_id),
             stripe: U64::new(stripe),
             stripe_seq: U64::new(req.seq),

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use raid::journal::record::{self, Body};
+use raid::journal::record::{self, Body, Intent, Mark};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -16,59 +16,40 @@ struct Args {
     path: std::path::PathBuf,
 }
 
+fn intent(i: &Intent) -> String {
+    format!(
+        "write {} stripe {} seq {} column {} new@{} old@{} crc {:#010x}",
+        i.write_id.get(),
+        i.stripe.get(),
+        i.stripe_seq.get(),
+        i.column.get(),
+        i.new_loc.get(),
+        i.old_loc.get(),
+        i.new_crc.get()
+    )
+}
+
+fn mark(m: &Mark) -> String {
+    format!(
+        "write {} stripe {} seq {}",
+        m.write_id.get(),
+        m.stripe.get(),
+        m.stripe_seq.get()
+    )
+}
+
 fn describe(body: &Body) -> String {
-    match body {
-        Body::Mj(m) => format!(
-            "mj              write {} stripe {} seq {} column {} new@{} old@{} crc {:#010x}",
-            m.write_id.get(),
-            m.stripe.get(),
-            m.stripe_seq.get(),
-            m.column.get(),
-            m.new_loc.get(),
-            m.old_loc.get(),
-            m.new_crc.get()
-        ),
-        Body::Pj(p) => format!(
-            "pj              write {} stripe {} seq {} column {} new@{} old@{}",
-            p.write_id.get(),
-            p.stripe.get(),
-            p.stripe_seq.get(),
-            p.column.get(),
-            p.new_loc.get(),
-            p.old_loc.get()
-        ),
-        Body::DataHardened(m) => format!(
-            "data-hardened   write {} stripe {} seq {}",
-            m.write_id.get(),
-            m.stripe.get(),
-            m.stripe_seq.get()
-        ),
-        Body::ParityHardened(m) => format!(
-            "parity-hardened write {} stripe {} seq {}",
-            m.write_id.get(),
-            m.stripe.get(),
-            m.stripe_seq.get()
-        ),
-        Body::PeerHardened(m) => format!(
-            "peer-hardened   write {} stripe {} seq {}",
-            m.write_id.get(),
-            m.stripe.get(),
-            m.stripe_seq.get()
-        ),
-        Body::Free(f) => format!("free            loc {}", f.loc.get()),
-        Body::MjComplete(m) => format!(
-            "mj-complete     write {} stripe {} seq {}",
-            m.write_id.get(),
-            m.stripe.get(),
-            m.stripe_seq.get()
-        ),
-        Body::PjComplete(m) => format!(
-            "pj-complete     write {} stripe {} seq {}",
-            m.write_id.get(),
-            m.stripe.get(),
-            m.stripe_seq.get()
-        ),
-    }
+    let (kind, detail) = match body {
+        Body::Mj(i) => ("mj", intent(i)),
+        Body::Pj(i) => ("pj", intent(i)),
+        Body::DataHardened(m) => ("data-hardened", mark(m)),
+        Body::ParityHardened(m) => ("parity-hardened", mark(m)),
+        Body::PeerHardened(m) => ("peer-hardened", mark(m)),
+        Body::MjComplete(m) => ("mj-complete", mark(m)),
+        Body::PjComplete(m) => ("pj-complete", mark(m)),
+        Body::Free(f) => ("free", format!("loc {}", f.loc.get())),
+    };
+    format!("{kind:<15} {detail}")
 }
 
 fn main() -> ExitCode {
