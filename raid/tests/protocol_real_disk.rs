@@ -108,7 +108,9 @@ fn writes_survive_on_real_files_and_recover_from_the_journals() {
         .iter()
         .map(|n| n.disk.journal_bytes().unwrap())
         .collect();
-    let rec = recovery::recover(&layout, &journals, locations);
+    let rec = recovery::recover(&layout, &journals, locations, |n, loc| {
+        crc32c::crc32c(&cl.nodes[n].disk.read(loc))
+    });
     assert!(rec.violations.is_empty(), "{:?}", rec.violations);
     for stripe in 0..layout.stripes {
         let read = |n: NodeId| cl.nodes[n].disk.read(rec.maps[n][stripe as usize]);

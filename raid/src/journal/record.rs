@@ -5,7 +5,7 @@
 //! ```text
 //! offset size field
 //! 0      4    magic 0x4e524a42 ("BJRN")
-//! 4      2    format version = 1
+//! 4      2    format version = 2
 //! 6      2    kind (see `Kind`)
 //! 8      8    journal sequence number (strictly increasing within a journal)
 //! 16     4    body length in bytes
@@ -24,7 +24,8 @@ use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 pub const MAGIC: u32 = 0x4e52_4a42;
-pub const VERSION: u16 = 1;
+/// Version 2: marks carry the crc32c of the block they harden.
+pub const VERSION: u16 = 2;
 pub const HEADER_BYTES: usize = 32;
 /// Largest body: every body is a small fixed struct; anything larger is corruption.
 pub const BODY_MAX_BYTES: usize = 256;
@@ -63,6 +64,10 @@ pub struct Intent {
 }
 
 /// Names one update of one stripe (hardened marks, completions).
+///
+/// A hardened mark is appended in the same flush as the block it hardens and carries that
+/// block's crc32c: it counts at recovery only if the block at the update's new location
+/// matches, so the mark needs no flush of its own. Completions carry zero.
 #[repr(C)]
 #[derive(
     FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Debug, Clone, Copy, PartialEq, Eq,
@@ -71,6 +76,8 @@ pub struct Mark {
     pub write_id: U64,
     pub stripe: U64,
     pub stripe_seq: U64,
+    pub crc: U32,
+    pub reserved: U32,
 }
 
 /// A location returned to the free pool.
@@ -87,9 +94,10 @@ pub struct Free {
 pub enum Body {
     Mj(Intent),
     Pj(Intent),
-    /// This (data) side's new data and `mj` are durable.
+    /// This (data) side's new data and `mj` are durable once this record is, provided the
+    /// new location's crc32c is the mark's.
     DataHardened(Mark),
-    /// This (parity) side's new parity and `pj` are durable.
+    /// The same for the parity side's new parity and `pj`.
     ParityHardened(Mark),
     /// The other side's hardened message arrived (both sides are now hardened).
     PeerHardened(Mark),
@@ -263,6 +271,8 @@ mod tests {
             write_id: U64::new(n),
             stripe: U64::new(n % 7),
             stripe_seq: U64::new(n),
+            crc: U32::new(n as u32),
+            reserved: U32::new(0),
         }
     }
 

@@ -11,10 +11,11 @@
 //! 2. P journals `pj` (fresh parity location, old location) and sends `DeltaRequest`.
 //! 3. D sends `Delta` = old ⊕ new. P merges it into the old parity, writes the full new parity
 //!    to the fresh location and sends `DeltaHeld`. Toughness 1 answers when D gets it.
-//! 4. When its new block and intent record are durable, each side journals its hardened
-//!    mark, makes it durable, points its column at the new location and tells the other.
-//!    Toughness 2 answers when D has both marks.
-//! 5. Each side frees its old location and journals completion.
+//! 4. Each side appends its hardened mark (with the new block's crc32c) after the block and
+//!    its intent, and makes the three durable with one flush; then it points its column at
+//!    the new location and tells the other. Toughness 2 answers when D has both.
+//! 5. Each side journals completion and frees its old location (reused once that `Free`
+//!    record is durable).
 //!
 //! Invariants kept here and checked by the crash campaign:
 //! - old data and old parity stay untouched until both sides hardened, so recovery can
@@ -23,7 +24,8 @@
 //!   serialises writes per block;
 //! - a delta is applied at most once: P keeps the last stripe sequence it applied and ignores
 //!   duplicates; what P journals for replay is the full new parity, never the delta;
-//! - recovery goes forward only if both hardened marks are durable, else backward.
+//! - recovery goes forward only if both sides hardened (durable marks whose crc matches the
+//!   block at the new location, or a durable completion), else backward.
 
 pub mod file_disk;
 pub mod node;

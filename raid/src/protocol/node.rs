@@ -35,6 +35,7 @@ struct DataUpdate {
     new_loc: Loc,
     old: Vec<u8>,
     new: Vec<u8>,
+    new_crc: u32,
     own_hardened: bool,
     peer_hardened: bool,
     parity_held: bool,
@@ -53,16 +54,17 @@ struct ParityUpdate {
     req: UpdateReq,
     old_loc: Loc,
     new_loc: Loc,
+    /// crc32c of the merged new parity (set with `merged`).
+    new_crc: u32,
     merged: bool,
     own_hardened: bool,
     peer_hardened: bool,
 }
 
-// Flush tokens: (write id << 3) | step.
+// Flush tokens: (write id << 3) | step. Each side hardens with one flush: the new block,
+// its intent and its hardened mark (which carries the block's crc32c) go down together.
 const STEP_DATA: u64 = 1;
-const STEP_DATA_MARK: u64 = 2;
 const STEP_PARITY: u64 = 3;
-const STEP_PARITY_MARK: u64 = 4;
 const STEP_COMPLETE: u64 = 5;
 
 pub struct Node<D: Disk> {
@@ -73,6 +75,10 @@ pub struct Node<D: Disk> {
     /// Location and crc32c of this node's column (data or parity) of each stripe.
     map: Vec<(Loc, u32)>,
     free: BTreeSet<Loc>,
+    /// Locations whose `Free` record is appended but not yet durable, by flush token. They
+    /// are allocated again only once it is: until then recovery may still need to check a
+    /// hardened mark against the block there.
+    freeing: HashMap<u64, Loc>,
     data: HashMap<u64, DataUpdate>,
     data_queue: HashMap<u64, VecDeque<PendingWrite>>,
     data_seq: HashMap<u64, u64>,
@@ -151,6 +157,7 @@ impl<D: Disk> Node<D> {
             next_jseq,
             map,
             free,
+            freeing: HashMap::new(),
             data: HashMap::new(),
             data_queue: HashMap::new(),
             data_seq: HashMap::new(),
@@ -172,6 +179,11 @@ impl<D: Disk> Node<D> {
             && self.parity.is_empty()
             && self.data_queue.values().all(VecDeque::is_empty)
             && self.parity_queue.values().all(VecDeque::is_empty)
+    }
+
+    /// Locations free to allocate now.
+    pub fn free_locations(&self) -> usize {
+        self.free.len()
     }
 
     fn journal(&mut self, body: Body) {
@@ -196,11 +208,13 @@ impl<D: Disk> Node<D> {
         Some(loc)
     }
 
-    fn mark(write_id: WriteId, stripe: u64, seq: u64) -> Mark {
+    fn mark(write_id: WriteId, stripe: u64, seq: u64, crc: u32) -> Mark {
         Mark {
             write_id: U64::new(write_id),
             stripe: U64::new(stripe),
             stripe_seq: U64::new(seq),
+            crc: U32::new(crc),
+            reserved: U32::new(0),
         }
     }
 
@@ -241,6 +255,7 @@ impl<D: Disk> Node<D> {
         let seq = self.data_seq.entry(stripe).or_insert(0);
         *seq += 1;
         let seq = *seq;
+        let new_crc = crc32c::crc32c(&w.data);
         self.disk.write(new_loc, &w.data);
         self.journal(Body::Mj(Intent {
             write_id: U64::new(w.write_id),
@@ -249,8 +264,11 @@ impl<D: Disk> Node<D> {
             new_loc: U64::new(new_loc),
             old_loc: U64::new(old_loc),
             column: U32::new(column as u32),
-            new_crc: U32::new(crc32c::crc32c(&w.data)),
+            new_crc: U32::new(new_crc),
         }));
+        self.journal(Body::DataHardened(Self::mark(
+            w.write_id, stripe, seq, new_crc,
+        )));
         self.disk.flush(w.write_id << 3 | STEP_DATA);
         out.reached.push((w.write_id, Toughness::Submitted));
         let p = self.layout.parity_node(stripe);
@@ -273,6 +291,7 @@ impl<D: Disk> Node<D> {
                 new_loc,
                 old,
                 new: w.data,
+                new_crc,
                 own_hardened: false,
                 peer_hardened: false,
                 parity_held: false,
@@ -312,9 +331,10 @@ impl<D: Disk> Node<D> {
         self.journal(Body::Free(Free {
             loc: U64::new(u.old_loc),
         }));
-        self.journal(Body::MjComplete(Self::mark(u.write_id, stripe, u.seq)));
-        self.free.insert(u.old_loc);
-        self.disk.flush(u.write_id << 3 | STEP_COMPLETE);
+        self.journal(Body::MjComplete(Self::mark(u.write_id, stripe, u.seq, 0)));
+        let token = u.write_id << 3 | STEP_COMPLETE;
+        self.freeing.insert(token, u.old_loc);
+        self.disk.flush(token);
         self.next_write(stripe, out);
     }
 
@@ -355,6 +375,7 @@ impl<D: Disk> Node<D> {
                 req,
                 old_loc,
                 new_loc,
+                new_crc: 0,
                 merged: false,
                 own_hardened: false,
                 peer_hardened,
@@ -380,9 +401,11 @@ impl<D: Disk> Node<D> {
             u.req.write_id,
             stripe,
             u.req.seq,
+            0,
         )));
-        self.free.insert(u.old_loc);
-        self.disk.flush(u.req.write_id << 3 | STEP_COMPLETE);
+        let token = u.req.write_id << 3 | STEP_COMPLETE;
+        self.freeing.insert(token, u.old_loc);
+        self.disk.flush(token);
         if let Some(next) = self
             .parity_queue
             .get_mut(&stripe)
@@ -456,15 +479,23 @@ impl<D: Disk> Node<D> {
                     return; // a delta is applied once
                 }
                 u.merged = true;
-                let (old_loc, new_loc, from) = (u.old_loc, u.new_loc, u.req.from);
+                let (old_loc, new_loc, req) = (u.old_loc, u.new_loc, u.req);
                 let mut block = self.disk.read(old_loc);
                 if block.len() != delta.len() {
                     out.corrupt.push(write_id);
                     return;
                 }
                 parity::merge(&mut block, &delta);
+                let crc = crc32c::crc32c(&block);
+                if let Some(u) = self.parity.get_mut(&stripe) {
+                    u.new_crc = crc;
+                }
                 self.disk.write(new_loc, &block);
-                out.sends.push((from, Msg::DeltaHeld { write_id, stripe }));
+                self.journal(Body::ParityHardened(Self::mark(
+                    write_id, stripe, req.seq, crc,
+                )));
+                out.sends
+                    .push((req.from, Msg::DeltaHeld { write_id, stripe }));
                 self.disk.flush(write_id << 3 | STEP_PARITY);
             }
             Msg::DeltaHeld { write_id, stripe } => {
@@ -515,23 +546,11 @@ impl<D: Disk> Node<D> {
         let (write_id, step) = (token >> 3, token & 7);
         match step {
             STEP_DATA => {
-                let Some((stripe, seq)) = self
-                    .data
-                    .iter()
-                    .find(|(_, u)| u.write_id == write_id)
-                    .map(|(s, u)| (*s, u.seq))
-                else {
-                    return;
-                };
-                self.journal(Body::DataHardened(Self::mark(write_id, stripe, seq)));
-                self.disk.flush(write_id << 3 | STEP_DATA_MARK);
-            }
-            STEP_DATA_MARK => {
                 let Some((stripe, new_loc, crc, seq)) = self
                     .data
                     .iter()
                     .find(|(_, u)| u.write_id == write_id)
-                    .map(|(s, u)| (*s, u.new_loc, crc32c::crc32c(&u.new), u.seq))
+                    .map(|(s, u)| (*s, u.new_loc, u.new_crc, u.seq))
                 else {
                     return;
                 };
@@ -553,28 +572,14 @@ impl<D: Disk> Node<D> {
                 self.finish_data(stripe, out);
             }
             STEP_PARITY => {
-                let Some((stripe, seq)) = self
+                let Some((stripe, new_loc, crc, req)) = self
                     .parity
                     .iter()
                     .find(|(_, u)| u.req.write_id == write_id)
-                    .map(|(s, u)| (*s, u.req.seq))
+                    .map(|(s, u)| (*s, u.new_loc, u.new_crc, u.req))
                 else {
                     return;
                 };
-                self.journal(Body::ParityHardened(Self::mark(write_id, stripe, seq)));
-                self.disk.flush(write_id << 3 | STEP_PARITY_MARK);
-            }
-            STEP_PARITY_MARK => {
-                let Some((stripe, u)) = self
-                    .parity
-                    .iter()
-                    .find(|(_, u)| u.req.write_id == write_id)
-                    .map(|(s, u)| (*s, (u.new_loc, u.req)))
-                else {
-                    return;
-                };
-                let (new_loc, req) = u;
-                let crc = crc32c::crc32c(&self.disk.read(new_loc));
                 self.map[stripe as usize] = (new_loc, crc);
                 self.applied.insert((stripe, req.column), req.seq);
                 if let Some(u) = self.parity.get_mut(&stripe) {
@@ -583,6 +588,12 @@ impl<D: Disk> Node<D> {
                 out.sends
                     .push((req.from, Msg::ParityHardened { write_id, stripe }));
                 self.finish_parity(stripe, out);
+            }
+            STEP_COMPLETE => {
+                // The `Free` record is durable: the old location may be reused.
+                if let Some(loc) = self.freeing.remove(&token) {
+                    self.free.insert(loc);
+                }
             }
             _ => {}
         }

@@ -1,10 +1,19 @@
 //! Recovery after a crash of any set of nodes: replay every node's journal and decide each
 //! update from both sides' records.
 //!
-//! An update goes forward (its new location becomes the column's location) only if the data
-//! node's `DataHardened` and the parity node's `ParityHardened` marks are both durable;
-//! otherwise it is rolled back to the old location, which the protocol never frees before
-//! both sides hardened. "When in doubt, recover backwards."
+//! An update goes forward (its new location becomes the column's location) only if both
+//! sides hardened: the data node's `DataHardened` and the parity node's `ParityHardened`
+//! marks are durable and each matches the crc32c of the block at its side's new location
+//! (a mark goes down in the same flush as its block, so a mark whose block did not make it
+//! is void), or either side journalled the update's completion (which it does only after
+//! both hardened). Otherwise it is rolled back to the old location, which the protocol never
+//! frees before both sides hardened. "When in doubt, recover backwards."
+//!
+//! The crc check is sound because a node reuses a location only after its `Free` record is
+//! durable, and that record follows the completion of every update that wrote there: a
+//! mark whose block was since overwritten belongs to an update whose completion is durable.
+//! (A new block whose crc32c happens to equal the crc of the different stale bytes at its
+//! location would pass for written: a 2^-32 chance, per update in flight at a crash.)
 //!
 //! Recovery also checks the journals against the result: an update must start from the
 //! column's current location, and no location the recovered maps reference may have been
@@ -31,29 +40,54 @@ pub struct Recovered {
     pub violations: Vec<String>,
 }
 
-/// Recovers from each node's durable journal bytes. Every node's column of stripe `s`
-/// starts at location `s`; each device has `locations` slots.
-pub fn recover(layout: &Layout, journals: &[Vec<u8>], locations: u64) -> Recovered {
+/// Recovers from each node's durable journal bytes and blocks: `block_crc(node, loc)` is the
+/// crc32c of the block at `loc` on `node`'s device as it is after the crash. Every node's
+/// column of stripe `s` starts at location `s`; each device has `locations` slots.
+pub fn recover(
+    layout: &Layout,
+    journals: &[Vec<u8>],
+    locations: u64,
+    block_crc: impl Fn(NodeId, Loc) -> u32,
+) -> Recovered {
     let replays: Vec<Vec<Record>> = journals
         .iter()
         .map(|j| record::replay(j, None).records)
         .collect();
     let mut data_hardened: HashSet<WriteId> = HashSet::new();
     let mut parity_hardened: HashSet<WriteId> = HashSet::new();
-    for records in &replays {
+    let mut completed: HashSet<WriteId> = HashSet::new();
+    for (node, records) in replays.iter().enumerate() {
+        // The new location of each update this node journalled an intent for.
+        let mut new_loc: HashMap<WriteId, Loc> = HashMap::new();
         for r in records {
             match r.body {
-                Body::DataHardened(m) => {
-                    data_hardened.insert(m.write_id.get());
+                Body::Mj(i) | Body::Pj(i) => {
+                    new_loc.insert(i.write_id.get(), i.new_loc.get());
                 }
-                Body::ParityHardened(m) => {
-                    parity_hardened.insert(m.write_id.get());
+                Body::DataHardened(m) | Body::ParityHardened(m) => {
+                    let w = m.write_id.get();
+                    let Some(&loc) = new_loc.get(&w) else {
+                        continue; // a mark without its intent is void
+                    };
+                    if block_crc(node, loc) != m.crc.get() {
+                        continue; // the block did not reach the media: not hardened
+                    }
+                    if matches!(r.body, Body::DataHardened(_)) {
+                        data_hardened.insert(w);
+                    } else {
+                        parity_hardened.insert(w);
+                    }
+                }
+                Body::MjComplete(m) | Body::PjComplete(m) => {
+                    completed.insert(m.write_id.get());
                 }
                 _ => {}
             }
         }
     }
-    let both = |w: WriteId| data_hardened.contains(&w) && parity_hardened.contains(&w);
+    let both = |w: WriteId| {
+        completed.contains(&w) || (data_hardened.contains(&w) && parity_hardened.contains(&w))
+    };
     let mut out = Recovered {
         maps: Vec::new(),
         free: Vec::new(),

@@ -451,7 +451,9 @@ pub fn run_with_cut(cfg: RunConfig) -> Result<RunStats, String> {
         .iter()
         .map(|n| n.disk.journal_bytes().to_vec())
         .collect();
-    let rec = recovery::recover(&cl.layout, &journals, cl.locations);
+    let rec = recovery::recover(&cl.layout, &journals, cl.locations, |n, loc| {
+        crc32c::crc32c(&cl.nodes[n].disk.durable_block(loc))
+    });
     check(&cl, &rec)?;
     Ok(RunStats {
         writes: cl.writes.len(),

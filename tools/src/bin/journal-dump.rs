@@ -31,10 +31,11 @@ fn intent(i: &Intent) -> String {
 
 fn mark(m: &Mark) -> String {
     format!(
-        "write {} stripe {} seq {}",
+        "write {} stripe {} seq {} crc {:#010x}",
         m.write_id.get(),
         m.stripe.get(),
-        m.stripe_seq.get()
+        m.stripe_seq.get(),
+        m.crc.get()
     )
 }
 
