@@ -70,7 +70,7 @@ fn writes_survive_on_real_files_and_recover_from_the_journals() {
             Node::new(
                 id,
                 layout,
-                FileDisk::create(&d, BLOCK).unwrap(),
+                FileDisk::create(&d.join("device"), BLOCK, 1 << 20, locations).unwrap(),
                 map,
                 free,
                 0,

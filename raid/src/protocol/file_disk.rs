@@ -1,104 +1,194 @@
-//! A [`Disk`] on real files: block slots in one file and the journal in another.
+//! A [`Disk`] on a real file: one device file holding a journal region and block slots.
 //!
-//! Writes go to the page cache (volatile, like a drive's write cache); a flush is queued and
-//! [`FileDisk::complete_flushes`] makes every queued flush durable with one `fdatasync` of
-//! each file (group commit), returning their tokens. This is the step between the
-//! simulator and the io_uring engine: the same node state machines run on it unchanged.
+//! ```text
+//! [0, journal_bytes)                          journal (records appended from offset 0)
+//! [journal_bytes + loc * block_bytes, +block) block slot `loc`
+//! ```
+//!
+//! Writes go to the page cache (volatile, like a drive's write cache). A flush is only
+//! queued: whoever drives the disk either calls [`FileDisk::complete_flushes`] (one
+//! `fdatasync` makes every queued flush durable: group commit) or takes the queued tokens
+//! with [`FileDisk::take_flushes`] and syncs a [`FileDisk::sync_handle`] on another thread.
+//! One file means one `fdatasync` covers the blocks and the journal together.
+//!
+//! [`FileDisk::create`] writes the whole file once, so that later writes overwrite
+//! allocated blocks and an `fdatasync` has no file-system metadata to commit.
+//!
+//! Limit: the journal region is not reclaimed yet; an append past its end fails the disk
+//! (reported by the next flush), never overwrites a block.
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
+
 use super::{Disk, Loc};
+
+/// Largest write used to fill a new device file.
+const FILL_CHUNK: usize = 1 << 20;
 
 #[derive(Debug)]
 pub struct FileDisk {
-    blocks: File,
-    journal: File,
+    file: File,
     block_bytes: usize,
+    journal_bytes: u64,
+    locations: u64,
     journal_len: u64,
     pending: Vec<u64>,
-    /// First I/O error, reported by `complete_flushes` (a `Disk` call cannot fail).
+    /// First I/O error, reported by the next flush (a `Disk` call cannot fail).
     error: Option<io::Error>,
 }
 
 impl FileDisk {
-    /// Creates (or truncates) `dir/blocks` and `dir/journal`.
-    pub fn create(dir: &Path, block_bytes: usize) -> io::Result<FileDisk> {
-        let open = |name: &str| {
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(dir.join(name))
-        };
+    /// Creates (or truncates) the device file at `path` with a journal region of
+    /// `journal_bytes` and `locations` block slots, all zero.
+    pub fn create(
+        path: &Path,
+        block_bytes: usize,
+        journal_bytes: u64,
+        locations: u64,
+    ) -> io::Result<FileDisk> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
+        let len = journal_bytes + locations * block_bytes as u64;
+        let zeros = vec![0u8; FILL_CHUNK];
+        let mut at = 0u64;
+        while at < len {
+            let n = (len - at).min(FILL_CHUNK as u64) as usize;
+            file.write_all_at(&zeros[..n], at)?;
+            at += n as u64;
+        }
+        file.sync_all()?;
+        // Drop the fill from the page cache and turn readahead off: the fill's 1 MiB writes
+        // left large folios, and every later 4 KiB write or writeback would walk a whole
+        // folio's buffers; random 4 KiB I/O gets 4 KiB folios instead.
+        forget_cached(&file)?;
         Ok(FileDisk {
-            blocks: open("blocks")?,
-            journal: open("journal")?,
+            file,
             block_bytes,
+            journal_bytes,
+            locations,
             journal_len: 0,
             pending: Vec::new(),
             error: None,
         })
     }
 
-    /// Makes every queued flush durable; returns their tokens.
+    /// Makes every queued flush durable with one `fdatasync`; returns their tokens.
     pub fn complete_flushes(&mut self) -> io::Result<Vec<u64>> {
+        let tokens = self.take_flushes()?;
+        if !tokens.is_empty() {
+            self.file.sync_data()?;
+        }
+        Ok(tokens)
+    }
+
+    /// Takes the queued flush tokens: they complete when an `fdatasync` of
+    /// [`FileDisk::sync_handle`] started after this call returns. Fails with the first
+    /// write error since the last call.
+    pub fn take_flushes(&mut self) -> io::Result<Vec<u64>> {
         if let Some(e) = self.error.take() {
             return Err(e);
         }
-        if self.pending.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.blocks.sync_data()?;
-        self.journal.sync_data()?;
         Ok(std::mem::take(&mut self.pending))
     }
 
+    /// Another handle on the device file, for syncing on another thread.
+    pub fn sync_handle(&self) -> io::Result<File> {
+        self.file.try_clone()
+    }
+
+    /// Tokens of the flushes queued since the last take.
+    pub fn pending_flushes(&self) -> &[u64] {
+        &self.pending
+    }
+
     pub fn has_pending_flushes(&self) -> bool {
-        !self.pending.is_empty()
+        !self.pending.is_empty() || self.error.is_some()
     }
 
-    /// The journal's bytes as they are on disk (for recovery).
+    /// The journal region as it is on the file (for recovery); replay stops at its end.
     pub fn journal_bytes(&self) -> io::Result<Vec<u8>> {
-        let mut out = vec![0u8; self.journal_len as usize];
-        self.journal.read_exact_at(&mut out, 0)?;
-        Ok(out)
+        read_journal(&self.file, self.journal_bytes)
     }
 
-    fn offset(&self, loc: Loc) -> u64 {
-        loc * self.block_bytes as u64
+    fn offset(&self, loc: Loc) -> Option<u64> {
+        (loc < self.locations).then(|| self.journal_bytes + loc * self.block_bytes as u64)
     }
+}
+
+/// Drops a file's pages from the page cache and turns its readahead off.
+pub fn forget_cached(file: &File) -> io::Result<()> {
+    for advice in [
+        PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        PosixFadviseAdvice::POSIX_FADV_RANDOM,
+    ] {
+        posix_fadvise(file.as_raw_fd(), 0, 0, advice).map_err(io::Error::from)?;
+    }
+    Ok(())
+}
+
+/// Reads the journal region of a device file laid out as [`FileDisk`] lays it out.
+pub fn read_journal(file: &File, journal_bytes: u64) -> io::Result<Vec<u8>> {
+    let mut out = vec![0u8; journal_bytes as usize];
+    file.read_exact_at(&mut out, 0)?;
+    Ok(out)
+}
+
+/// Reads block slot `loc` of a device file laid out as [`FileDisk`] lays it out.
+pub fn read_block(
+    file: &File,
+    journal_bytes: u64,
+    block_bytes: usize,
+    loc: Loc,
+) -> io::Result<Vec<u8>> {
+    let mut out = vec![0u8; block_bytes];
+    file.read_exact_at(&mut out, journal_bytes + loc * block_bytes as u64)?;
+    Ok(out)
 }
 
 impl Disk for FileDisk {
     fn read(&self, loc: Loc) -> Vec<u8> {
         let mut out = vec![0u8; self.block_bytes];
-        // Past the end of the file a block reads as zeros (a never-written slot).
-        let mut done = 0;
-        while done < out.len() {
-            match self
-                .blocks
-                .read_at(&mut out[done..], self.offset(loc) + done as u64)
-            {
-                Ok(0) | Err(_) => break,
-                Ok(n) => done += n,
-            }
+        // A read error returns zeros: the caller's crc32c check refuses the block.
+        if let Some(off) = self.offset(loc) {
+            let _ = self.file.read_exact_at(&mut out, off);
         }
         out
     }
 
     fn write(&mut self, loc: Loc, data: &[u8]) {
-        if let Err(e) = self.blocks.write_all_at(data, self.offset(loc)) {
+        let result = match self.offset(loc) {
+            Some(off) => self.file.write_all_at(data, off),
+            None => Err(io::Error::other(format!(
+                "block slot {loc} is past the device's {} slots",
+                self.locations
+            ))),
+        };
+        if let Err(e) = result {
             self.error.get_or_insert(e);
         }
     }
 
     fn append_journal(&mut self, bytes: &[u8]) {
-        match self.journal.write_all_at(bytes, self.journal_len) {
-            Ok(()) => self.journal_len += bytes.len() as u64,
+        let end = self.journal_len + bytes.len() as u64;
+        let result = if end > self.journal_bytes {
+            Err(io::Error::other(format!(
+                "journal region of {} bytes is full",
+                self.journal_bytes
+            )))
+        } else {
+            self.file.write_all_at(bytes, self.journal_len)
+        };
+        match result {
+            Ok(()) => self.journal_len = end,
             Err(e) => {
                 self.error.get_or_insert(e);
             }

@@ -28,6 +28,7 @@
 //!   block at the new location, or a durable completion), else backward.
 
 pub mod file_disk;
+pub mod net;
 pub mod node;
 pub mod recovery;
 pub mod sim;

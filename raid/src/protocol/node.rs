@@ -67,6 +67,12 @@ const STEP_DATA: u64 = 1;
 const STEP_PARITY: u64 = 3;
 const STEP_COMPLETE: u64 = 5;
 
+/// Whether the flush started with `token` only makes completion records and frees durable.
+/// Nothing waits on such a flush: a driver may delay it and let a later flush cover it.
+pub fn flush_is_lazy(token: u64) -> bool {
+    token & 7 == STEP_COMPLETE
+}
+
 pub struct Node<D: Disk> {
     pub id: NodeId,
     layout: Layout,
