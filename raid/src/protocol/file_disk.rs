@@ -27,8 +27,9 @@ use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
 
 use super::{Disk, Loc};
 
-/// Largest write used to fill a new device file.
-const FILL_CHUNK: usize = 1 << 20;
+/// Size of the writes that fill a new device file: page-sized, so that the page cache holds
+/// it in small folios (a 4 KiB write into a large folio walks all of its buffers).
+const FILL_CHUNK: usize = 4096;
 
 #[derive(Debug)]
 pub struct FileDisk {
@@ -66,10 +67,15 @@ impl FileDisk {
             at += n as u64;
         }
         file.sync_all()?;
-        // Drop the fill from the page cache and turn readahead off: the fill's 1 MiB writes
-        // left large folios, and every later 4 KiB write or writeback would walk a whole
-        // folio's buffers; random 4 KiB I/O gets 4 KiB folios instead.
-        forget_cached(&file)?;
+        // The fill stays cached (reads of old data and old parity hit it); random 4 KiB
+        // I/O wants no readahead.
+        posix_fadvise(
+            file.as_raw_fd(),
+            0,
+            0,
+            PosixFadviseAdvice::POSIX_FADV_RANDOM,
+        )
+        .map_err(io::Error::from)?;
         Ok(FileDisk {
             file,
             block_bytes,
@@ -124,7 +130,8 @@ impl FileDisk {
     }
 }
 
-/// Drops a file's pages from the page cache and turns its readahead off.
+/// Drops a file's pages from the page cache (large folios left by big writes go with them)
+/// and turns its readahead off.
 pub fn forget_cached(file: &File) -> io::Result<()> {
     for advice in [
         PosixFadviseAdvice::POSIX_FADV_DONTNEED,

@@ -100,6 +100,9 @@ pub enum Msg {
         stripe_seq: u64,
         column: usize,
         from: NodeId,
+        /// The delta (old ⊕ new), when the data node sends it with the update; otherwise
+        /// the parity node asks for it with `DeltaRequest`.
+        delta: Option<Vec<u8>>,
     },
     DeltaRequest {
         write_id: WriteId,

@@ -95,6 +95,12 @@ pub struct Node<D: Disk> {
     /// `DataHardened` that arrived before its update started here (its `Update` was delayed
     /// or queued behind another update of the stripe); consumed when the update starts.
     early_hardened: std::collections::HashSet<WriteId>,
+    /// Data role: send each update's delta with its `Update` instead of waiting for the
+    /// parity node's `DeltaRequest` (one round trip less before the parity can be written).
+    push_delta: bool,
+    /// Parity role: deltas that came with their `Update`, until the update starts here
+    /// (one per accepted, not yet started update: bounded by the updates in flight).
+    pushed: HashMap<WriteId, Vec<u8>>,
 }
 
 impl<D: Disk> std::fmt::Debug for Node<D> {
@@ -171,7 +177,16 @@ impl<D: Disk> Node<D> {
             parity_queue: HashMap::new(),
             applied: HashMap::new(),
             early_hardened: std::collections::HashSet::new(),
+            push_delta: true,
+            pushed: HashMap::new(),
         }
+    }
+
+    /// Whether this node sends each delta with its `Update` (the default) or waits for the
+    /// parity node to ask for it. Both paths are part of the protocol; the simulator runs
+    /// both.
+    pub fn set_push_delta(&mut self, push: bool) {
+        self.push_delta = push;
     }
 
     /// Location of this node's column of `stripe`.
@@ -278,6 +293,11 @@ impl<D: Disk> Node<D> {
         self.disk.flush(w.write_id << 3 | STEP_DATA);
         out.reached.push((w.write_id, Toughness::Submitted));
         let p = self.layout.parity_node(stripe);
+        let delta = self.push_delta.then(|| {
+            let mut delta = vec![0; w.data.len()];
+            parity::delta(&old, &w.data, &mut delta);
+            delta
+        });
         out.sends.push((
             p,
             Msg::Update {
@@ -286,6 +306,7 @@ impl<D: Disk> Node<D> {
                 stripe_seq: seq,
                 column,
                 from: self.id,
+                delta,
             },
         ));
         self.data.insert(
@@ -367,13 +388,6 @@ impl<D: Disk> Node<D> {
             column: U32::new(req.column as u32),
             new_crc: U32::new(0),
         }));
-        out.sends.push((
-            req.from,
-            Msg::DeltaRequest {
-                write_id: req.write_id,
-                stripe,
-            },
-        ));
         let peer_hardened = self.early_hardened.remove(&req.write_id);
         self.parity.insert(
             stripe,
@@ -387,6 +401,46 @@ impl<D: Disk> Node<D> {
                 peer_hardened,
             },
         );
+        match self.pushed.remove(&req.write_id) {
+            Some(delta) => self.merge_delta(stripe, req.write_id, delta, out),
+            None => out.sends.push((
+                req.from,
+                Msg::DeltaRequest {
+                    write_id: req.write_id,
+                    stripe,
+                },
+            )),
+        }
+    }
+
+    /// Merges the delta of the update in progress on `stripe` into the old parity and
+    /// writes the full new parity with its hardened mark (once per update).
+    fn merge_delta(&mut self, stripe: u64, write_id: WriteId, delta: Vec<u8>, out: &mut Outbox) {
+        let Some(u) = self.parity_update(stripe, write_id) else {
+            return;
+        };
+        if u.merged {
+            return; // a delta is applied once
+        }
+        u.merged = true;
+        let (old_loc, new_loc, req) = (u.old_loc, u.new_loc, u.req);
+        let mut block = self.disk.read(old_loc);
+        if block.len() != delta.len() {
+            out.corrupt.push(write_id);
+            return;
+        }
+        parity::merge(&mut block, &delta);
+        let crc = crc32c::crc32c(&block);
+        if let Some(u) = self.parity.get_mut(&stripe) {
+            u.new_crc = crc;
+        }
+        self.disk.write(new_loc, &block);
+        self.journal(Body::ParityHardened(Self::mark(
+            write_id, stripe, req.seq, crc,
+        )));
+        out.sends
+            .push((req.from, Msg::DeltaHeld { write_id, stripe }));
+        self.disk.flush(write_id << 3 | STEP_PARITY);
     }
 
     fn finish_parity(&mut self, stripe: u64, out: &mut Outbox) {
@@ -432,6 +486,7 @@ impl<D: Disk> Node<D> {
                 stripe_seq,
                 column,
                 from,
+                delta,
             } => {
                 let req = UpdateReq {
                     write_id,
@@ -450,6 +505,9 @@ impl<D: Disk> Node<D> {
                     .is_some_and(|q| q.iter().any(|r| r.write_id == write_id));
                 if stripe_seq <= applied || current || queued {
                     return; // duplicate or replay
+                }
+                if let Some(delta) = delta {
+                    self.pushed.insert(write_id, delta);
                 }
                 if self.parity.contains_key(&stripe) {
                     self.parity_queue.entry(stripe).or_default().push_back(req);
@@ -477,33 +535,7 @@ impl<D: Disk> Node<D> {
                 write_id,
                 stripe,
                 delta,
-            } => {
-                let Some(u) = self.parity_update(stripe, write_id) else {
-                    return;
-                };
-                if u.merged {
-                    return; // a delta is applied once
-                }
-                u.merged = true;
-                let (old_loc, new_loc, req) = (u.old_loc, u.new_loc, u.req);
-                let mut block = self.disk.read(old_loc);
-                if block.len() != delta.len() {
-                    out.corrupt.push(write_id);
-                    return;
-                }
-                parity::merge(&mut block, &delta);
-                let crc = crc32c::crc32c(&block);
-                if let Some(u) = self.parity.get_mut(&stripe) {
-                    u.new_crc = crc;
-                }
-                self.disk.write(new_loc, &block);
-                self.journal(Body::ParityHardened(Self::mark(
-                    write_id, stripe, req.seq, crc,
-                )));
-                out.sends
-                    .push((req.from, Msg::DeltaHeld { write_id, stripe }));
-                self.disk.flush(write_id << 3 | STEP_PARITY);
-            }
+            } => self.merge_delta(stripe, write_id, delta, out),
             Msg::DeltaHeld { write_id, stripe } => {
                 let Some(u) = self.data_update(stripe, write_id) else {
                     return;

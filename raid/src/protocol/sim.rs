@@ -389,7 +389,10 @@ pub fn run_with_cut(cfg: RunConfig) -> Result<RunStats, String> {
         .map(|id| {
             let map = (0..layout.stripes).map(|s| (s, zero_crc)).collect();
             let free: BTreeSet<Loc> = (layout.stripes..locations).collect();
-            Node::new(id, layout, SimDisk::new(layout.block_bytes), map, free, 0)
+            let mut node = Node::new(id, layout, SimDisk::new(layout.block_bytes), map, free, 0);
+            // Both ways of getting the delta to the parity node, mixed within a cluster.
+            node.set_push_delta(rng.chance(50));
+            node
         })
         .collect();
     let mut cl = Cluster {

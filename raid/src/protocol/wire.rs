@@ -85,6 +85,7 @@ fn kind_and_body(msg: &Msg) -> (u16, Vec<u8>) {
             stripe_seq,
             column,
             from,
+            delta,
         } => {
             for v in [
                 *write_id,
@@ -94,6 +95,9 @@ fn kind_and_body(msg: &Msg) -> (u16, Vec<u8>) {
                 *from as u64,
             ] {
                 put_u64(&mut b, v);
+            }
+            if let Some(delta) = delta {
+                b.extend_from_slice(delta);
             }
             1
         }
@@ -157,13 +161,16 @@ fn usize_of(v: u64, name: &'static str) -> Result<usize, WireError> {
 fn decode_body(kind: u16, body: &[u8]) -> Result<Msg, WireError> {
     Ok(match kind {
         1 => {
-            let [write_id, stripe, stripe_seq, column, from] = words::<5>(body, "Update")?;
+            // Five words, then the delta if the data node sent it with the update.
+            let (head, delta) = body.split_at_checked(40).ok_or(WireError::Body("Update"))?;
+            let [write_id, stripe, stripe_seq, column, from] = words::<5>(head, "Update")?;
             Msg::Update {
                 write_id,
                 stripe,
                 stripe_seq,
                 column: usize_of(column, "Update")?,
                 from: usize_of(from, "Update")?,
+                delta: (!delta.is_empty()).then(|| delta.to_vec()),
             }
         }
         2 => {
@@ -311,6 +318,15 @@ mod tests {
                 stripe_seq: 3,
                 column: 1,
                 from: 2,
+                delta: None,
+            },
+            Msg::Update {
+                write_id: 4,
+                stripe: 5,
+                stripe_seq: 6,
+                column: 0,
+                from: 1,
+                delta: Some(vec![9; 4096]),
             },
             Msg::DeltaRequest {
                 write_id: 1,
