@@ -203,6 +203,7 @@ pub async fn start(
         idle_flushers: (0..FLUSHERS).collect(),
         flushers,
         lazy_since: None,
+        answered: false,
     };
     let task = tokio::spawn(state.run(rx));
     Ok((handle, task))
@@ -362,6 +363,8 @@ struct Loop {
     writers: HashMap<NodeId, PeerWriter>,
     flushers: Vec<Flusher>,
     idle_flushers: Vec<usize>,
+    /// A client was answered in the current batch.
+    answered: bool,
     /// When the oldest queued flush that nothing waits on was queued.
     lazy_since: Option<tokio::time::Instant>,
 }
@@ -414,8 +417,16 @@ impl Loop {
             self.send_to_peers().await?;
             // Nothing else to do: sync on this thread rather than wake a flusher and wait to
             // be woken (two thread hand-offs on this 2-vCPU VM cost more than a third of
-            // a sync). New events wait for the sync; the next batch takes them all.
-            while rx.is_empty() && self.idle_flushers.len() == FLUSHERS {
+            // a sync). New events wait for the sync; the next batch takes them all. Not
+            // when a client was just answered (it may run on this thread and would wait),
+            // nor while a write waits for a toughness below 2 (its answer is not behind
+            // this sync).
+            let answered = std::mem::take(&mut self.answered);
+            let soon = self
+                .waiting
+                .values()
+                .any(|(want, _)| *want < Toughness::Durable);
+            while !answered && !soon && rx.is_empty() && self.idle_flushers.len() == FLUSHERS {
                 let Some(tokens) = self.sync_inline()? else {
                     break;
                 };
@@ -534,6 +545,7 @@ impl Loop {
                 if self.waiting.get(&w).is_some_and(|(want, _)| level >= *want) {
                     if let Some((_, reply)) = self.waiting.remove(&w) {
                         let _ = reply.send(Ok(()));
+                        self.answered = true;
                     }
                 }
             }
@@ -545,6 +557,7 @@ impl Loop {
             {
                 if let Some((_, reply)) = self.flushes.pop_front() {
                     let _ = reply.send(Ok(()));
+                    self.answered = true;
                 }
             }
             // Room freed: start queued writes (which may answer at once, at toughness 0).

@@ -61,6 +61,13 @@ struct ParityUpdate {
     peer_hardened: bool,
 }
 
+/// Which pool a location is allocated from and returns to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Data = 0,
+    Parity = 1,
+}
+
 // Flush tokens: (write id << 3) | step. Each side hardens with one flush: the new block,
 // its intent and its hardened mark (which carries the block's crc32c) go down together.
 const STEP_DATA: u64 = 1;
@@ -80,11 +87,18 @@ pub struct Node<D: Disk> {
     next_jseq: u64,
     /// Location and crc32c of this node's column (data or parity) of each stripe.
     map: Vec<(Loc, u32)>,
-    free: BTreeSet<Loc>,
+    /// Free locations, in two pools: one for this node's data updates and one for the
+    /// parity updates it serves. A location freed by an update returns to its role's pool,
+    /// so each pool keeps its size. With one pool, data updates could take every free
+    /// location on two nodes, each waiting for the other's parity location: a deadlock.
+    /// Parity updates wait on nothing but their data node, so their pool always drains.
+    free: [BTreeSet<Loc>; 2],
+    /// Stripes whose next update waits for a free location, with the role it waits in.
+    blocked: VecDeque<(Role, u64)>,
     /// Locations whose `Free` record is appended but not yet durable, by flush token. They
     /// are allocated again only once it is: until then recovery may still need to check a
     /// hardened mark against the block there.
-    freeing: HashMap<u64, Loc>,
+    freeing: HashMap<u64, (Role, Loc)>,
     data: HashMap<u64, DataUpdate>,
     data_queue: HashMap<u64, VecDeque<PendingWrite>>,
     data_seq: HashMap<u64, u64>,
@@ -168,7 +182,8 @@ impl<D: Disk> Node<D> {
             disk,
             next_jseq,
             map,
-            free,
+            free: Self::split_free(free),
+            blocked: VecDeque::new(),
             freeing: HashMap::new(),
             data: HashMap::new(),
             data_queue: HashMap::new(),
@@ -204,7 +219,16 @@ impl<D: Disk> Node<D> {
 
     /// Locations free to allocate now.
     pub fn free_locations(&self) -> usize {
-        self.free.len()
+        self.free.iter().map(BTreeSet::len).sum()
+    }
+
+    /// Deals the free locations alternately into the data and the parity pool.
+    fn split_free(free: BTreeSet<Loc>) -> [BTreeSet<Loc>; 2] {
+        let mut pools = [BTreeSet::new(), BTreeSet::new()];
+        for (i, loc) in free.into_iter().enumerate() {
+            pools[i % 2].insert(loc);
+        }
+        pools
     }
 
     fn journal(&mut self, body: Body) {
@@ -220,8 +244,8 @@ impl<D: Disk> Node<D> {
         self.disk.append_journal(&bytes);
     }
 
-    fn allocate(&mut self) -> Option<Loc> {
-        let loc = self.free.pop_first()?;
+    fn allocate(&mut self, role: Role) -> Option<Loc> {
+        let loc = self.free[role as usize].pop_first()?;
         debug_assert!(
             self.map.iter().all(|(l, _)| *l != loc),
             "allocated a referenced location"
@@ -250,7 +274,8 @@ impl<D: Disk> Node<D> {
         out: &mut Outbox,
     ) {
         let w = PendingWrite { write_id, data };
-        if self.data.contains_key(&stripe) {
+        let queued = self.data_queue.get(&stripe).is_some_and(|q| !q.is_empty());
+        if self.data.contains_key(&stripe) || queued {
             self.data_queue.entry(stripe).or_default().push_back(w);
             return;
         }
@@ -268,10 +293,11 @@ impl<D: Disk> Node<D> {
             out.corrupt.push(w.write_id);
             return self.next_write(stripe, out);
         }
-        let Some(new_loc) = self.allocate() else {
-            // Out of space: refuse rather than overwrite anything referenced.
-            out.corrupt.push(w.write_id);
-            return self.next_write(stripe, out);
+        let Some(new_loc) = self.allocate(Role::Data) else {
+            // No free location: wait (first in line for this stripe) until one is freed.
+            self.data_queue.entry(stripe).or_default().push_front(w);
+            self.blocked.push_back((Role::Data, stripe));
+            return;
         };
         let seq = self.data_seq.entry(stripe).or_insert(0);
         *seq += 1;
@@ -360,7 +386,7 @@ impl<D: Disk> Node<D> {
         }));
         self.journal(Body::MjComplete(Self::mark(u.write_id, stripe, u.seq, 0)));
         let token = u.write_id << 3 | STEP_COMPLETE;
-        self.freeing.insert(token, u.old_loc);
+        self.freeing.insert(token, (Role::Data, u.old_loc));
         self.disk.flush(token);
         self.next_write(stripe, out);
     }
@@ -375,8 +401,9 @@ impl<D: Disk> Node<D> {
 
     fn start_parity(&mut self, stripe: u64, req: UpdateReq, out: &mut Outbox) {
         let old_loc = self.map[stripe as usize].0;
-        let Some(new_loc) = self.allocate() else {
-            out.corrupt.push(req.write_id);
+        let Some(new_loc) = self.allocate(Role::Parity) else {
+            self.parity_queue.entry(stripe).or_default().push_front(req);
+            self.blocked.push_back((Role::Parity, stripe));
             return;
         };
         self.journal(Body::Pj(Intent {
@@ -464,14 +491,36 @@ impl<D: Disk> Node<D> {
             0,
         )));
         let token = u.req.write_id << 3 | STEP_COMPLETE;
-        self.freeing.insert(token, u.old_loc);
+        self.freeing.insert(token, (Role::Parity, u.old_loc));
         self.disk.flush(token);
+        self.next_parity(stripe, out);
+    }
+
+    fn next_parity(&mut self, stripe: u64, out: &mut Outbox) {
         if let Some(next) = self
             .parity_queue
             .get_mut(&stripe)
             .and_then(VecDeque::pop_front)
         {
             self.start_parity(stripe, next, out);
+        }
+    }
+
+    /// Restarts the updates that waited for a free location, while there are some.
+    fn unblock(&mut self, out: &mut Outbox) {
+        for _ in 0..self.blocked.len() {
+            let Some((role, stripe)) = self.blocked.pop_front() else {
+                return;
+            };
+            if self.free[role as usize].is_empty() {
+                self.blocked.push_back((role, stripe));
+                continue;
+            }
+            match role {
+                Role::Data if !self.data.contains_key(&stripe) => self.next_write(stripe, out),
+                Role::Parity if !self.parity.contains_key(&stripe) => self.next_parity(stripe, out),
+                _ => {}
+            }
         }
     }
 
@@ -509,7 +558,11 @@ impl<D: Disk> Node<D> {
                 if let Some(delta) = delta {
                     self.pushed.insert(write_id, delta);
                 }
-                if self.parity.contains_key(&stripe) {
+                let waiting = self
+                    .parity_queue
+                    .get(&stripe)
+                    .is_some_and(|q| !q.is_empty());
+                if self.parity.contains_key(&stripe) || waiting {
                     self.parity_queue.entry(stripe).or_default().push_back(req);
                 } else {
                     self.start_parity(stripe, req, out);
@@ -629,8 +682,9 @@ impl<D: Disk> Node<D> {
             }
             STEP_COMPLETE => {
                 // The `Free` record is durable: the old location may be reused.
-                if let Some(loc) = self.freeing.remove(&token) {
-                    self.free.insert(loc);
+                if let Some((role, loc)) = self.freeing.remove(&token) {
+                    self.free[role as usize].insert(loc);
+                    self.unblock(out);
                 }
             }
             _ => {}

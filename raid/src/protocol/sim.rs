@@ -361,7 +361,12 @@ fn setup(rng: &mut Rng) -> (Layout, u64, Vec<ClientOp>) {
         stripes: 2 + rng.below(7),
         block_bytes: 64,
     };
-    let locations = layout.stripes * 6 + 16;
+    // Sometimes barely more locations than columns, so that updates wait for space.
+    let locations = if rng.chance(30) {
+        layout.stripes + 2 + rng.below(4)
+    } else {
+        layout.stripes * 6 + 16
+    };
     let n_ops = 4 + rng.below(150) as usize;
     let ops = (0..n_ops)
         .map(|_| {
