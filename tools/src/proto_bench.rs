@@ -30,6 +30,8 @@ const CLUSTER: u64 = 0x0b10_cd00_be4c;
 /// side), at up to this many writes per second.
 const JOURNAL_PER_WRITE: u64 = 320;
 const WRITES_PER_SECOND_MAX: u64 = 80_000;
+/// A write slower than this is a stall: the run stops and prints the node's state.
+const STALL: Duration = Duration::from_secs(20);
 
 #[derive(Debug, Clone)]
 pub struct BenchArgs {
@@ -260,9 +262,15 @@ async fn drive(
                     chunk.copy_from_slice(&stamp);
                 }
                 let t0 = Instant::now();
-                node.write(stripe, data, toughness)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                match tokio::time::timeout(STALL, node.write(stripe, data, toughness)).await {
+                    Ok(r) => r.map_err(|e| e.to_string())?,
+                    Err(_) => {
+                        let state = node.describe().await.unwrap_or_default();
+                        return Err(format!(
+                            "a write to stripe {stripe} took over {STALL:?}: node 0 is {state}"
+                        ));
+                    }
+                }
                 lat.push(t0.elapsed());
             }
             Ok::<_, String>(lat)
@@ -274,7 +282,13 @@ async fn drive(
     }
     let elapsed = start.elapsed();
     // Let the tail of toughness 0/1 writes harden before the next workload.
-    node.flush().await.map_err(|e| e.to_string())?;
+    match tokio::time::timeout(STALL, node.flush()).await {
+        Ok(r) => r.map_err(|e| e.to_string())?,
+        Err(_) => {
+            let state = node.describe().await.unwrap_or_default();
+            return Err(format!("a FLUSH took over {STALL:?}: node 0 is {state}"));
+        }
+    }
     Ok(figures(all, elapsed))
 }
 

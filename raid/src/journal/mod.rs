@@ -153,7 +153,13 @@ impl FileJournal {
         let mut out = Vec::new();
         let mut seq = first;
         for r in replayed.records.iter().filter(|r| keep(r)) {
-            record::encode(&Record { seq, body: r.body }, &mut out);
+            record::encode(
+                &Record {
+                    seq,
+                    body: r.body.clone(),
+                },
+                &mut out,
+            );
             seq += 1;
         }
         let tmp = self.path.with_extension("compact");

@@ -27,8 +27,9 @@ pub const MAGIC: u32 = 0x4e52_4a42;
 /// Version 2: marks carry the crc32c of the block they harden.
 pub const VERSION: u16 = 2;
 pub const HEADER_BYTES: usize = 32;
-/// Largest body: every body is a small fixed struct; anything larger is corruption.
-pub const BODY_MAX_BYTES: usize = 256;
+/// Largest body: a proxy copy of a block of up to 1 MiB and its intent; every other body is
+/// a small fixed struct.
+pub const BODY_MAX_BYTES: usize = (1 << 20) + 64;
 
 #[repr(C)]
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Debug, Clone, Copy)]
@@ -90,7 +91,7 @@ pub struct Free {
 }
 
 /// What a record says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Body {
     Mj(Intent),
     Pj(Intent),
@@ -104,6 +105,10 @@ pub enum Body {
     Free(Free),
     MjComplete(Mark),
     PjComplete(Mark),
+    /// A parity proxy's copy of an update whose parity node did not answer: block `column`
+    /// of `stripe` is the bytes that follow (`new_crc` is their crc32c; no locations). The
+    /// stripe's parity is stale until it is repaired; this record is its mark.
+    Proxy(Intent, Vec<u8>),
 }
 
 impl Body {
@@ -117,15 +122,20 @@ impl Body {
             Body::Free(_) => 6,
             Body::MjComplete(_) => 7,
             Body::PjComplete(_) => 8,
+            Body::Proxy(..) => 9,
         }
     }
 
-    fn bytes(&self) -> &[u8] {
+    /// The body's bytes: a fixed part and a variable tail (empty but for proxy copies).
+    fn parts(&self) -> (&[u8], &[u8]) {
         match self {
-            Body::Mj(b) | Body::Pj(b) => b.as_bytes(),
-            Body::DataHardened(b) | Body::ParityHardened(b) | Body::PeerHardened(b) => b.as_bytes(),
-            Body::MjComplete(b) | Body::PjComplete(b) => b.as_bytes(),
-            Body::Free(b) => b.as_bytes(),
+            Body::Mj(b) | Body::Pj(b) => (b.as_bytes(), &[]),
+            Body::DataHardened(b) | Body::ParityHardened(b) | Body::PeerHardened(b) => {
+                (b.as_bytes(), &[])
+            }
+            Body::MjComplete(b) | Body::PjComplete(b) => (b.as_bytes(), &[]),
+            Body::Free(b) => (b.as_bytes(), &[]),
+            Body::Proxy(i, data) => (i.as_bytes(), data),
         }
     }
 
@@ -139,13 +149,21 @@ impl Body {
             6 => Body::Free(Free::read_from_bytes(body).ok()?),
             7 => Body::MjComplete(Mark::read_from_bytes(body).ok()?),
             8 => Body::PjComplete(Mark::read_from_bytes(body).ok()?),
+            9 => {
+                let (head, data) = body.split_at_checked(std::mem::size_of::<Intent>())?;
+                let intent = Intent::read_from_bytes(head).ok()?;
+                if crc32c::crc32c(data) != intent.new_crc.get() {
+                    return None;
+                }
+                Body::Proxy(intent, data.to_vec())
+            }
             _ => return None,
         })
     }
 }
 
 /// A record with its journal sequence number.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     pub seq: u64,
     pub body: Body,
@@ -159,20 +177,21 @@ fn header_crc(h: &Header) -> u32 {
 
 /// Appends the encoded record to `out`.
 pub fn encode(rec: &Record, out: &mut Vec<u8>) {
-    let body = rec.body.bytes();
+    let (fixed, tail) = rec.body.parts();
     let mut h = Header {
         magic: U32::new(MAGIC),
         version: U16::new(VERSION),
         kind: U16::new(rec.body.kind()),
         seq: U64::new(rec.seq),
-        body_len: U32::new(body.len() as u32),
-        body_crc: U32::new(crc32c::crc32c(body)),
+        body_len: U32::new((fixed.len() + tail.len()) as u32),
+        body_crc: U32::new(crc32c::crc32c_append(crc32c::crc32c(fixed), tail)),
         header_crc: U32::new(0),
         reserved: [0; 4],
     };
     h.header_crc = U32::new(header_crc(&h));
     out.extend_from_slice(h.as_bytes());
-    out.extend_from_slice(body);
+    out.extend_from_slice(fixed);
+    out.extend_from_slice(tail);
 }
 
 /// Why replay stopped before the end of the bytes.
@@ -280,7 +299,7 @@ mod tests {
         (0..n)
             .map(|i| Record {
                 seq: 100 + i,
-                body: match i % 4 {
+                body: match i % 5 {
                     0 => Body::Mj(Intent {
                         write_id: U64::new(i),
                         stripe: U64::new(3),
@@ -292,6 +311,21 @@ mod tests {
                     }),
                     1 => Body::DataHardened(mark(i)),
                     2 => Body::Free(Free { loc: U64::new(i) }),
+                    3 => {
+                        let data = vec![i as u8; 64];
+                        Body::Proxy(
+                            Intent {
+                                write_id: U64::new(i),
+                                stripe: U64::new(2),
+                                stripe_seq: U64::new(i),
+                                new_loc: U64::new(0),
+                                old_loc: U64::new(0),
+                                column: U32::new(0),
+                                new_crc: U32::new(crc32c::crc32c(&data)),
+                            },
+                            data,
+                        )
+                    }
                     _ => Body::MjComplete(mark(i)),
                 },
             })

@@ -127,6 +127,27 @@ pub enum Msg {
         write_id: WriteId,
         stripe: u64,
     },
+    /// The parity node did not answer in time: the data node asks a parity proxy (another
+    /// server) to hold a durable copy of the new data in its place.
+    ProxyUpdate {
+        write_id: WriteId,
+        stripe: u64,
+        stripe_seq: u64,
+        column: usize,
+        from: NodeId,
+        data: Vec<u8>,
+    },
+    /// The proxy's copy is durable.
+    ProxyHardened {
+        write_id: WriteId,
+        stripe: u64,
+    },
+    /// The data node went to a proxy: the parity node drops the update if it has not
+    /// merged it yet (the stripe is marked for repair either way).
+    Abandon {
+        write_id: WriteId,
+        stripe: u64,
+    },
 }
 
 /// The device under a node: block slots and a journal, with explicit flushes. The

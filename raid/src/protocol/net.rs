@@ -107,6 +107,7 @@ enum Event {
         reply: oneshot::Sender<Result<(), NetError>>,
     },
     Flush(oneshot::Sender<Result<(), NetError>>),
+    Describe(oneshot::Sender<String>),
     Flushed(usize, std::io::Result<Vec<u64>>),
 }
 
@@ -155,6 +156,15 @@ impl NodeHandle {
         self.send(Event::Flush(reply))?;
         rx.await
             .map_err(|_| NetError::Stopped("dropped a flush".into()))?
+    }
+
+    /// The node's state, for diagnosing a stall: updates in progress and queued, writes
+    /// waiting, flushes queued and running.
+    pub async fn describe(&self) -> Result<String, NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Event::Describe(reply))?;
+        rx.await
+            .map_err(|_| NetError::Stopped("dropped a describe".into()))
     }
 
     fn send(&self, ev: Event) -> Result<(), NetError> {
@@ -497,6 +507,22 @@ impl Loop {
                 // Covers every write started so far (answered ones included).
                 let covers = self.next_write_id().saturating_sub(1);
                 self.flushes.push_back((covers, reply));
+            }
+            Event::Describe(reply) => {
+                let _ = reply.send(format!(
+                    "{:?}; writes waiting {}, not durable {}, queued {}, flushes waiting {}, \
+                     flush tokens queued {:?}, idle flushers {}, lazy since {:?}, free \
+                     locations {}",
+                    self.node,
+                    self.waiting.len(),
+                    self.not_durable.len(),
+                    self.queued.len(),
+                    self.flushes.len(),
+                    self.node.disk.pending_flushes(),
+                    self.idle_flushers.len(),
+                    self.lazy_since.map(|t| t.elapsed()),
+                    self.node.free_locations(),
+                ));
             }
             Event::Flushed(index, result) => {
                 self.idle_flushers.push(index);

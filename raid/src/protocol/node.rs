@@ -39,6 +39,8 @@ struct DataUpdate {
     own_hardened: bool,
     peer_hardened: bool,
     parity_held: bool,
+    /// The parity proxy this update went to, if the parity node did not answer.
+    proxy: Option<NodeId>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -73,6 +75,7 @@ enum Role {
 const STEP_DATA: u64 = 1;
 const STEP_PARITY: u64 = 3;
 const STEP_COMPLETE: u64 = 5;
+const STEP_PROXY: u64 = 6;
 
 /// Whether the flush started with `token` only makes completion records and frees durable.
 /// Nothing waits on such a flush: a driver may delay it and let a later flush cover it.
@@ -115,6 +118,14 @@ pub struct Node<D: Disk> {
     /// Parity role: deltas that came with their `Update`, until the update starts here
     /// (one per accepted, not yet started update: bounded by the updates in flight).
     pushed: HashMap<WriteId, Vec<u8>>,
+    /// Data role: stripes whose parity missed an update that went to a proxy; their parity
+    /// must be recomputed from the data before a degraded read may trust it.
+    repair: BTreeSet<u64>,
+    /// Parity role: updates their data node took to a proxy (a later `Update` for one is
+    /// ignored).
+    abandoned: std::collections::HashSet<WriteId>,
+    /// Proxy role: copies held for other nodes' updates: (data node, stripe, durable).
+    proxied: HashMap<WriteId, (NodeId, u64, bool)>,
 }
 
 impl<D: Disk> std::fmt::Debug for Node<D> {
@@ -194,7 +205,70 @@ impl<D: Disk> Node<D> {
             early_hardened: std::collections::HashSet::new(),
             push_delta: true,
             pushed: HashMap::new(),
+            repair: BTreeSet::new(),
+            abandoned: std::collections::HashSet::new(),
+            proxied: HashMap::new(),
         }
+    }
+
+    /// Updates in progress here (data role) that the parity node has not yet hardened:
+    /// (stripe, write id, whether it already went to a proxy).
+    pub fn awaiting_parity(&self) -> Vec<(u64, WriteId, bool)> {
+        let mut v: Vec<_> = self
+            .data
+            .iter()
+            .filter(|(_, u)| !u.peer_hardened)
+            .map(|(s, u)| (*s, u.write_id, u.proxy.is_some()))
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Stripes whose parity is stale because an update went to a proxy.
+    pub fn needs_repair(&self) -> &BTreeSet<u64> {
+        &self.repair
+    }
+
+    /// The parity node of `stripe` did not answer within the caller's bound: sends the
+    /// update in progress on `stripe` to `proxy` instead, tells the parity node to drop it,
+    /// and marks the stripe for repair. The write reaches toughness 2 once its data and the
+    /// proxy's copy are durable (two servers hold it). Returns whether it rerouted: not if
+    /// no update waits for its parity, it already went to a proxy, or `proxy` is this node
+    /// or the parity node.
+    pub fn reroute_to_proxy(&mut self, stripe: u64, proxy: NodeId, out: &mut Outbox) -> bool {
+        let p = self.layout.parity_node(stripe);
+        let column = self.layout.column_of(stripe, self.id).unwrap_or(0);
+        let id = self.id;
+        if proxy == id || proxy == p || proxy >= self.layout.nodes() {
+            return false;
+        }
+        let Some(u) = self.data.get_mut(&stripe) else {
+            return false;
+        };
+        if u.peer_hardened || u.proxy.is_some() {
+            return false;
+        }
+        u.proxy = Some(proxy);
+        out.sends.push((
+            proxy,
+            Msg::ProxyUpdate {
+                write_id: u.write_id,
+                stripe,
+                stripe_seq: u.seq,
+                column,
+                from: id,
+                data: u.new.clone(),
+            },
+        ));
+        out.sends.push((
+            p,
+            Msg::Abandon {
+                write_id: u.write_id,
+                stripe,
+            },
+        ));
+        self.repair.insert(stripe);
+        true
     }
 
     /// Whether this node sends each delta with its `Update` (the default) or waits for the
@@ -348,6 +422,7 @@ impl<D: Disk> Node<D> {
                 own_hardened: false,
                 peer_hardened: false,
                 parity_held: false,
+                proxy: None,
             },
         );
     }
@@ -552,8 +627,9 @@ impl<D: Disk> Node<D> {
                     .parity_queue
                     .get(&stripe)
                     .is_some_and(|q| q.iter().any(|r| r.write_id == write_id));
-                if stripe_seq <= applied || current || queued {
-                    return; // duplicate or replay
+                if stripe_seq <= applied || current || queued || self.abandoned.contains(&write_id)
+                {
+                    return; // duplicate, replay, or taken to a proxy
                 }
                 if let Some(delta) = delta {
                     self.pushed.insert(write_id, delta);
@@ -609,8 +685,8 @@ impl<D: Disk> Node<D> {
                     .get(&stripe)
                     .is_some_and(|u| u.req.write_id == write_id);
                 let applied = self.applied.get(&(stripe, column)).copied().unwrap_or(0);
-                if !current && stripe_seq <= applied {
-                    return; // duplicate of a completed update
+                if !current && (stripe_seq <= applied || self.abandoned.contains(&write_id)) {
+                    return; // duplicate of a completed update, or one taken to a proxy
                 }
                 match self.parity_update(stripe, write_id) {
                     Some(u) => {
@@ -620,6 +696,69 @@ impl<D: Disk> Node<D> {
                     None => {
                         self.early_hardened.insert(write_id);
                     }
+                }
+            }
+            Msg::ProxyUpdate {
+                write_id,
+                stripe,
+                stripe_seq,
+                column,
+                from,
+                data,
+            } => match self.proxied.get(&write_id) {
+                Some(&(_, _, true)) => {
+                    out.sends
+                        .push((from, Msg::ProxyHardened { write_id, stripe }));
+                }
+                Some(_) => {} // being made durable
+                None => {
+                    self.proxied.insert(write_id, (from, stripe, false));
+                    let intent = Intent {
+                        write_id: U64::new(write_id),
+                        stripe: U64::new(stripe),
+                        stripe_seq: U64::new(stripe_seq),
+                        new_loc: U64::new(0),
+                        old_loc: U64::new(0),
+                        column: U32::new(column as u32),
+                        new_crc: U32::new(crc32c::crc32c(&data)),
+                    };
+                    self.journal(Body::Proxy(intent, data));
+                    self.disk.flush(write_id << 3 | STEP_PROXY);
+                }
+            },
+            Msg::ProxyHardened { write_id, stripe } => {
+                let Some(u) = self.data_update(stripe, write_id) else {
+                    return;
+                };
+                if u.proxy.is_none() {
+                    return;
+                }
+                if !u.parity_held {
+                    u.parity_held = true;
+                    out.reached.push((write_id, Toughness::ParityHeld));
+                }
+                u.peer_hardened = true;
+                self.finish_data(stripe, out);
+            }
+            Msg::Abandon { write_id, stripe } => {
+                self.abandoned.insert(write_id);
+                self.pushed.remove(&write_id);
+                self.early_hardened.remove(&write_id);
+                if let Some(q) = self.parity_queue.get_mut(&stripe) {
+                    q.retain(|r| r.write_id != write_id);
+                }
+                let started = self
+                    .parity
+                    .get(&stripe)
+                    .is_some_and(|u| u.req.write_id == write_id && !u.merged);
+                if started {
+                    // Nothing durable points at its new location (no hardened mark was
+                    // written): it goes straight back to the pool.
+                    if let Some(u) = self.parity.remove(&stripe) {
+                        self.free[Role::Parity as usize].insert(u.new_loc);
+                    }
+                    self.next_parity(stripe, out);
+                    self.unblock(out);
                 }
             }
             Msg::ParityHardened { write_id, stripe } => {
@@ -679,6 +818,14 @@ impl<D: Disk> Node<D> {
                 out.sends
                     .push((req.from, Msg::ParityHardened { write_id, stripe }));
                 self.finish_parity(stripe, out);
+            }
+            STEP_PROXY => {
+                if let Some(entry) = self.proxied.get_mut(&write_id) {
+                    entry.2 = true;
+                    let (from, stripe) = (entry.0, entry.1);
+                    out.sends
+                        .push((from, Msg::ProxyHardened { write_id, stripe }));
+                }
             }
             STEP_COMPLETE => {
                 // The `Free` record is durable: the old location may be reused.

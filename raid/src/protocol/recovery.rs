@@ -36,6 +36,9 @@ pub struct Recovered {
     pub next_jseq: Vec<u64>,
     pub forward: usize,
     pub backward: usize,
+    /// Stripes whose parity missed a forward update (it went to a proxy): recompute their
+    /// parity from the data columns before trusting it.
+    pub repair: BTreeSet<u64>,
     /// Broken invariants found while replaying (empty when all is well).
     pub violations: Vec<String>,
 }
@@ -56,6 +59,8 @@ pub fn recover(
     let mut data_hardened: HashSet<WriteId> = HashSet::new();
     let mut parity_hardened: HashSet<WriteId> = HashSet::new();
     let mut completed: HashSet<WriteId> = HashSet::new();
+    let mut parity_completed: HashSet<WriteId> = HashSet::new();
+    let mut proxy_held: HashSet<WriteId> = HashSet::new();
     for (node, records) in replays.iter().enumerate() {
         // The new location of each update this node journalled an intent for.
         let mut new_loc: HashMap<WriteId, Loc> = HashMap::new();
@@ -78,22 +83,39 @@ pub fn recover(
                         parity_hardened.insert(w);
                     }
                 }
-                Body::MjComplete(m) | Body::PjComplete(m) => {
+                Body::MjComplete(m) => {
                     completed.insert(m.write_id.get());
+                }
+                Body::PjComplete(m) => {
+                    completed.insert(m.write_id.get());
+                    parity_completed.insert(m.write_id.get());
+                }
+                // The record's crc covers the copy: if it replays, the copy is whole.
+                Body::Proxy(i, _) => {
+                    proxy_held.insert(i.write_id.get());
                 }
                 _ => {}
             }
         }
     }
+    // An update goes forward when its data and its parity (or a proxy's copy in place of
+    // the parity) are durable.
     let both = |w: WriteId| {
-        completed.contains(&w) || (data_hardened.contains(&w) && parity_hardened.contains(&w))
+        completed.contains(&w)
+            || (data_hardened.contains(&w)
+                && (parity_hardened.contains(&w) || proxy_held.contains(&w)))
     };
+    // The parity side itself moves forward only if it hardened too; a forward update whose
+    // parity node did not leaves that stripe's parity stale: it needs repair.
+    let parity_forward =
+        |w: WriteId| both(w) && (parity_hardened.contains(&w) || parity_completed.contains(&w));
     let mut out = Recovered {
         maps: Vec::new(),
         free: Vec::new(),
         next_jseq: Vec::new(),
         forward: 0,
         backward: 0,
+        repair: BTreeSet::new(),
         violations: Vec::new(),
     };
     for (node, records) in replays.iter().enumerate() {
@@ -102,18 +124,20 @@ pub fn recover(
         let mut allocated: HashMap<Loc, usize> = HashMap::new();
         let mut freed: HashMap<Loc, usize> = HashMap::new();
         for (at, r) in records.iter().enumerate() {
-            let (write_id, stripe, new_loc, old_loc) = match r.body {
+            let (write_id, stripe, new_loc, old_loc, is_data) = match r.body {
                 Body::Mj(m) => (
                     m.write_id.get(),
                     m.stripe.get(),
                     m.new_loc.get(),
                     m.old_loc.get(),
+                    true,
                 ),
                 Body::Pj(p) => (
                     p.write_id.get(),
                     p.stripe.get(),
                     p.new_loc.get(),
                     p.old_loc.get(),
+                    false,
                 ),
                 Body::Free(f) => {
                     freed.insert(f.loc.get(), at);
@@ -133,11 +157,19 @@ pub fn recover(
                     "node {node}: update {write_id} of stripe {stripe} starts from location {old_loc}, but the stripe is at {current}"
                 ));
             }
-            if both(write_id) {
+            let forward = if is_data {
+                both(write_id)
+            } else {
+                parity_forward(write_id)
+            };
+            if forward {
                 *current = new_loc;
                 out.forward += 1;
             } else {
                 out.backward += 1;
+            }
+            if is_data && forward && !parity_forward(write_id) {
+                out.repair.insert(stripe);
             }
         }
         for (stripe, loc) in map.iter().enumerate() {

@@ -222,6 +222,9 @@ pub struct RunStats {
     pub flushes_answered: usize,
     pub forward: usize,
     pub backward: usize,
+    /// Updates taken to a parity proxy, and stripes recovery marked for repair.
+    pub rerouted: usize,
+    pub repair: usize,
 }
 
 /// Parameters of one run.
@@ -242,6 +245,7 @@ struct Cluster {
     flushes_answered: usize,
     toughness: Toughness,
     rng: Rng,
+    rerouted: usize,
 }
 
 impl Cluster {
@@ -323,8 +327,45 @@ impl Cluster {
         self.flushes_answered += before - self.flushes.len();
     }
 
+    /// Sometimes a parity node is "too slow": a data node takes an update still waiting
+    /// for its parity to a proxy (any node but the two involved).
+    fn maybe_reroute(&mut self) -> bool {
+        if !self.rng.chance(2) {
+            return false;
+        }
+        let candidates: Vec<(NodeId, u64)> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .flat_map(|(n, node)| {
+                node.awaiting_parity()
+                    .into_iter()
+                    .filter(|(_, _, proxied)| !proxied)
+                    .map(move |(stripe, _, _)| (n, stripe))
+            })
+            .collect();
+        if candidates.is_empty() {
+            return false;
+        }
+        let (n, stripe) = candidates[self.rng.below(candidates.len() as u64) as usize];
+        let p = self.layout.parity_node(stripe);
+        let others: Vec<NodeId> = (0..self.layout.nodes())
+            .filter(|&x| x != n && x != p)
+            .collect();
+        let proxy = others[self.rng.below(others.len() as u64) as usize];
+        let mut out = Outbox::default();
+        if self.nodes[n].reroute_to_proxy(stripe, proxy, &mut out) {
+            self.rerouted += 1;
+        }
+        self.deliver_outbox(out);
+        true
+    }
+
     /// Runs one event; false when nothing is left to do.
     fn step(&mut self, ops: &mut Vec<ClientOp>) -> bool {
+        if self.maybe_reroute() {
+            return true;
+        }
         let flushes: Vec<(usize, usize)> = self
             .nodes
             .iter()
@@ -410,6 +451,7 @@ pub fn run_with_cut(cfg: RunConfig) -> Result<RunStats, String> {
         flushes_answered: 0,
         toughness: cfg.toughness,
         rng: Rng::new(rng.next_u64()),
+        rerouted: 0,
     };
     let cut_after = 1 + rng.below(60 * ops.len() as u64 + 1);
     let mut steps = 0u64;
@@ -474,6 +516,8 @@ pub fn run_with_cut(cfg: RunConfig) -> Result<RunStats, String> {
         flushes_answered: cl.flushes_answered,
         forward: rec.forward,
         backward: rec.backward,
+        rerouted: cl.rerouted,
+        repair: rec.repair.len(),
     })
 }
 
@@ -489,11 +533,14 @@ fn check(cl: &Cluster, rec: &Recovered) -> Result<(), String> {
     };
     for stripe in 0..layout.stripes {
         let p = layout.parity_node(stripe);
+        // A stripe marked for repair has stale parity until it is recomputed; every other
+        // stripe's parity must be exact.
+        let stale = rec.repair.contains(&stripe);
         let mut xor = vec![0u8; layout.block_bytes];
         for column in 0..layout.data_columns {
             crate::parity::xor_into(&mut xor, &block(layout.data_node(stripe, column), stripe));
         }
-        if xor != block(p, stripe) {
+        if !stale && xor != block(p, stripe) {
             return Err(format!(
                 "stripe {stripe}: parity is not the XOR of the data columns"
             ));
@@ -525,7 +572,7 @@ fn check(cl: &Cluster, rec: &Recovered) -> Result<(), String> {
                 ));
             }
             let rebuilt = recovery::degraded_read(layout, stripe, column, |n| block(n, stripe));
-            if rebuilt != value {
+            if !stale && rebuilt != value {
                 return Err(format!(
                     "stripe {stripe} column {column}: degraded read differs from the column"
                 ));

@@ -137,6 +137,36 @@ fn kind_and_body(msg: &Msg) -> (u16, Vec<u8>) {
             put_u64(&mut b, *stripe);
             6
         }
+        Msg::ProxyUpdate {
+            write_id,
+            stripe,
+            stripe_seq,
+            column,
+            from,
+            data,
+        } => {
+            for v in [
+                *write_id,
+                *stripe,
+                *stripe_seq,
+                *column as u64,
+                *from as u64,
+            ] {
+                put_u64(&mut b, v);
+            }
+            b.extend_from_slice(data);
+            7
+        }
+        Msg::ProxyHardened { write_id, stripe } => {
+            put_u64(&mut b, *write_id);
+            put_u64(&mut b, *stripe);
+            8
+        }
+        Msg::Abandon { write_id, stripe } => {
+            put_u64(&mut b, *write_id);
+            put_u64(&mut b, *stripe);
+            9
+        }
     };
     (kind, b)
 }
@@ -203,6 +233,28 @@ fn decode_body(kind: u16, body: &[u8]) -> Result<Msg, WireError> {
             let [write_id, stripe] = words::<2>(body, "ParityHardened")?;
             Msg::ParityHardened { write_id, stripe }
         }
+        7 => {
+            let (head, data) = body
+                .split_at_checked(40)
+                .ok_or(WireError::Body("ProxyUpdate"))?;
+            let [write_id, stripe, stripe_seq, column, from] = words::<5>(head, "ProxyUpdate")?;
+            Msg::ProxyUpdate {
+                write_id,
+                stripe,
+                stripe_seq,
+                column: usize_of(column, "ProxyUpdate")?,
+                from: usize_of(from, "ProxyUpdate")?,
+                data: data.to_vec(),
+            }
+        }
+        8 => {
+            let [write_id, stripe] = words::<2>(body, "ProxyHardened")?;
+            Msg::ProxyHardened { write_id, stripe }
+        }
+        9 => {
+            let [write_id, stripe] = words::<2>(body, "Abandon")?;
+            Msg::Abandon { write_id, stripe }
+        }
         _ => return Err(WireError::Header("unknown kind")),
     })
 }
@@ -256,7 +308,7 @@ fn check_header(
             found: h.cluster.get(),
         });
     }
-    if !(1..=6).contains(&h.kind.get()) {
+    if !(1..=9).contains(&h.kind.get()) {
         return Err(WireError::Header("unknown kind"));
     }
     let len = h.body_len.get() as usize;
@@ -331,6 +383,22 @@ mod tests {
             Msg::DeltaRequest {
                 write_id: 1,
                 stripe: 2,
+            },
+            Msg::ProxyUpdate {
+                write_id: 7,
+                stripe: 8,
+                stripe_seq: 9,
+                column: 2,
+                from: 0,
+                data: vec![3; 4096],
+            },
+            Msg::ProxyHardened {
+                write_id: 7,
+                stripe: 8,
+            },
+            Msg::Abandon {
+                write_id: 7,
+                stripe: 8,
             },
             Msg::Delta {
                 write_id: 1,

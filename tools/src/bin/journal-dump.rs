@@ -49,6 +49,10 @@ fn describe(body: &Body) -> String {
         Body::MjComplete(m) => ("mj-complete", mark(m)),
         Body::PjComplete(m) => ("pj-complete", mark(m)),
         Body::Free(f) => ("free", format!("loc {}", f.loc.get())),
+        Body::Proxy(i, data) => (
+            "proxy-copy",
+            format!("{} ({} bytes)", intent(i), data.len()),
+        ),
     };
     format!("{kind:<15} {detail}")
 }
