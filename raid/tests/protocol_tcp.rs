@@ -60,6 +60,7 @@ fn writes_over_tcp_recover_from_the_device_files() {
                     .filter(|&p| p != id)
                     .map(|p| (p, addrs[p]))
                     .collect(),
+                parity_timeout: net::PARITY_TIMEOUT,
             };
             let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
             let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
@@ -149,6 +150,153 @@ fn writes_over_tcp_recover_from_the_device_files() {
     for (thread, _, done) in threads {
         done.send(()).unwrap();
         thread.join().unwrap();
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_dead_parity_node_is_replaced_by_a_proxy_and_its_stripes_marked_for_repair() {
+    let dir = std::env::temp_dir().join(format!("raid-proxy-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let layout = Layout {
+        data_columns: 2,
+        stripes: 48,
+        block_bytes: BLOCK,
+    };
+    let listeners: Vec<std::net::TcpListener> = (0..layout.nodes())
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    let device = |id: usize| -> PathBuf { dir.join(format!("node{id}.dev")) };
+    let (dead_tx, dead_rx) = std::sync::mpsc::channel::<()>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let (wrote_tx, wrote_rx) = std::sync::mpsc::channel::<()>();
+    let mut dead_tx = Some(dead_tx);
+    let mut dead_rx = Some(dead_rx);
+    let mut done_rx = Some(done_rx);
+    let mut wrote_tx = Some(wrote_tx);
+    let threads: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(id, listener)| {
+            let cfg = NetConfig {
+                id,
+                layout,
+                cluster: 9,
+                device: device(id),
+                journal_bytes: JOURNAL,
+                locations: LOCATIONS,
+                peers: (0..layout.nodes())
+                    .filter(|&p| p != id)
+                    .map(|p| (p, addrs[p]))
+                    .collect(),
+                parity_timeout: std::time::Duration::from_millis(300),
+            };
+            let dead_tx = if id == 2 { dead_tx.take() } else { None };
+            let done_rx = if id == 1 { done_rx.take() } else { None };
+            let (dead_rx, wrote_tx) = if id == 0 {
+                (dead_rx.take(), wrote_tx.take())
+            } else {
+                (None, None)
+            };
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    listener.set_nonblocking(true).unwrap();
+                    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                    let (node, _task) = net::start(cfg, listener).await.unwrap();
+                    match id {
+                        // Node 2 dies as soon as everyone is connected.
+                        2 => {
+                            dead_tx.unwrap().send(()).unwrap();
+                        }
+                        // Node 1 stays up (it is the proxy) until the test is done.
+                        1 => {
+                            let done = done_rx.unwrap();
+                            tokio::task::spawn_blocking(move || done.recv())
+                                .await
+                                .unwrap()
+                                .ok();
+                        }
+                        // Node 0 writes every column it holds at toughness 2.
+                        _ => {
+                            dead_rx.unwrap().recv().unwrap();
+                            let mut tasks = tokio::task::JoinSet::new();
+                            for stripe in 0..layout.stripes {
+                                let Some(column) = layout.column_of(stripe, 0) else {
+                                    continue;
+                                };
+                                let node = node.clone();
+                                tasks.spawn(async move {
+                                    node.write(
+                                        stripe,
+                                        block_for(stripe, column, 1),
+                                        Toughness::Durable,
+                                    )
+                                    .await
+                                });
+                            }
+                            while let Some(r) = tasks.join_next().await {
+                                r.unwrap().unwrap();
+                            }
+                            node.flush().await.unwrap();
+                            wrote_tx.unwrap().send(()).unwrap();
+                        }
+                    }
+                });
+            })
+        })
+        .collect();
+    wrote_rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("node 0's writes did not all reach toughness 2");
+
+    let files: Vec<File> = (0..layout.nodes())
+        .map(|id| File::open(device(id)).unwrap())
+        .collect();
+    let journals: Vec<Vec<u8>> = files
+        .iter()
+        .map(|f| read_journal(f, JOURNAL).unwrap())
+        .collect();
+    let read = |n: usize, loc: u64| read_block(&files[n], JOURNAL, BLOCK, loc).unwrap();
+    let rec = recovery::recover(&layout, &journals, LOCATIONS, |n, loc| {
+        crc32c::crc32c(&read(n, loc))
+    });
+    assert!(rec.violations.is_empty(), "{:?}", rec.violations);
+    let expect_repair: std::collections::BTreeSet<u64> = (0..layout.stripes)
+        .filter(|&s| layout.column_of(s, 0).is_some() && layout.parity_node(s) == 2)
+        .collect();
+    assert!(!expect_repair.is_empty());
+    assert_eq!(rec.repair, expect_repair, "stripes marked for repair");
+    for stripe in 0..layout.stripes {
+        let Some(column) = layout.column_of(stripe, 0) else {
+            continue;
+        };
+        let got = read(0, rec.maps[0][stripe as usize]);
+        assert!(
+            got == block_for(stripe, column, 1),
+            "stripe {stripe}: node 0's write is lost"
+        );
+        if !rec.repair.contains(&stripe) {
+            let mut xor = vec![0u8; BLOCK];
+            for c in 0..layout.data_columns {
+                let n = layout.data_node(stripe, c);
+                raid::parity::xor_into(&mut xor, &read(n, rec.maps[n][stripe as usize]));
+            }
+            let p = layout.parity_node(stripe);
+            assert!(
+                xor == read(p, rec.maps[p][stripe as usize]),
+                "stripe {stripe} parity"
+            );
+        }
+    }
+    done_tx.send(()).unwrap();
+    for t in threads {
+        t.join().unwrap();
     }
     std::fs::remove_dir_all(&dir).ok();
 }

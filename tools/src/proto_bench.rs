@@ -75,6 +75,7 @@ fn config(
         journal_bytes: journal,
         locations,
         peers,
+        parity_timeout: net::PARITY_TIMEOUT,
     }
 }
 

@@ -14,10 +14,15 @@
 //! connection starts with a 16-byte hello (magic, version, the connecting node's id, crc32c)
 //! and then carries [`wire`] frames both ways.
 //!
+//! An update whose parity node has not hardened it within `parity_timeout` goes to a
+//! parity proxy (the next node that is up and is not the parity node), and its stripe is
+//! marked for repair. A peer whose connection fails is marked down: what we send it is
+//! dropped and its updates time out to a proxy.
+//!
 //! Limits: at most [`INFLIGHT_MAX`] of this node's writes are in progress at once (later
 //! ones wait, unanswered: back-pressure for clients answered at toughness 0 or 1, and it
-//! bounds what recovery has to re-examine); a peer connection that fails ends the node
-//! (a parity proxy and reconnects are not built yet).
+//! bounds what recovery has to re-examine). Not built yet: reconnecting to a peer that comes
+//! back, and repairing marked stripes while running.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fs::File;
@@ -93,7 +98,14 @@ pub struct NetConfig {
     pub locations: u64,
     /// Every other node's address.
     pub peers: Vec<(NodeId, SocketAddr)>,
+    /// How long an update may wait for its parity node before it goes to a parity proxy
+    /// (another node; needs at least three). See [`PARITY_TIMEOUT`].
+    pub parity_timeout: Duration,
 }
+
+/// Default bound on the parity node's answer: far above a sync under load (milliseconds),
+/// short enough that a dead parity node stalls writes only briefly.
+pub const PARITY_TIMEOUT: Duration = Duration::from_secs(2);
 
 type Reply = oneshot::Sender<Result<(), NetError>>;
 
@@ -214,6 +226,11 @@ pub async fn start(
         flushers,
         lazy_since: None,
         answered: false,
+        layout: cfg.layout,
+        parity_timeout: cfg.parity_timeout,
+        down: BTreeSet::new(),
+        seen: HashMap::new(),
+        next_check: tokio::time::Instant::now() + cfg.parity_timeout / 4,
     };
     let task = tokio::spawn(state.run(rx));
     Ok((handle, task))
@@ -375,6 +392,13 @@ struct Loop {
     idle_flushers: Vec<usize>,
     /// A client was answered in the current batch.
     answered: bool,
+    layout: Layout,
+    parity_timeout: Duration,
+    /// Peers whose connection failed.
+    down: BTreeSet<NodeId>,
+    /// When each update waiting for its parity node was first seen waiting.
+    seen: HashMap<WriteId, tokio::time::Instant>,
+    next_check: tokio::time::Instant,
     /// When the oldest queued flush that nothing waits on was queued.
     lazy_since: Option<tokio::time::Instant>,
 }
@@ -400,17 +424,28 @@ impl Loop {
 
     async fn serve(&mut self, rx: &mut mpsc::UnboundedReceiver<Event>) -> Result<(), NetError> {
         loop {
-            let first = match self.lazy_since {
-                Some(since) if !self.idle_flushers.is_empty() => {
-                    match tokio::time::timeout_at(since + LAZY_FLUSH_DELAY, rx.recv()).await {
-                        Ok(ev) => ev,
-                        Err(_) => {
+            let lazy_at = self
+                .lazy_since
+                .filter(|_| !self.idle_flushers.is_empty())
+                .map(|t| t + LAZY_FLUSH_DELAY);
+            let check_at = (!self.node.idle()).then_some(self.next_check);
+            let first = match lazy_at.into_iter().chain(check_at).min() {
+                Some(at) => match tokio::time::timeout_at(at, rx.recv()).await {
+                    Ok(ev) => ev,
+                    Err(_) => {
+                        let now = tokio::time::Instant::now();
+                        if lazy_at.is_some_and(|t| t <= now) {
                             self.start_flush(true)?;
-                            continue;
                         }
+                        if now >= self.next_check {
+                            self.check_parity_timeouts()?;
+                            self.send_to_peers().await?;
+                            self.start_flush(false)?;
+                        }
+                        continue;
                     }
-                }
-                _ => rx.recv().await,
+                },
+                None => rx.recv().await,
             };
             let Some(first) = first else {
                 return Ok(());
@@ -424,6 +459,9 @@ impl Loop {
                 }
             }
             self.settle(out)?;
+            if tokio::time::Instant::now() >= self.next_check {
+                self.check_parity_timeouts()?;
+            }
             self.send_to_peers().await?;
             // Nothing else to do: sync on this thread rather than wake a flusher and wait to
             // be woken (two thread hand-offs on this 2-vCPU VM cost more than a third of
@@ -489,7 +527,11 @@ impl Loop {
         match ev {
             Event::Peer(msg) => self.node.receive(msg, out),
             Event::PeerFailed(peer, why) => {
-                return Err(NetError::Stopped(format!("peer {peer} failed: {why}")))
+                // Its updates time out and go to a parity proxy; what it should have sent
+                // us waits for it to come back (reconnecting is not built yet).
+                tracing::warn!(node = self.id, peer, %why, "peer connection failed");
+                self.writers.remove(&peer);
+                self.down.insert(peer);
             }
             Event::Write {
                 stripe,
@@ -611,6 +653,9 @@ impl Loop {
             ));
         }
         let Some(w) = self.writers.get_mut(&to) else {
+            if self.down.contains(&to) {
+                return Ok(()); // lost with the peer; the protocol's timeouts recover
+            }
             return Err(NetError::Stopped(format!("no connection to node {to}")));
         };
         w.seq += 1;
@@ -623,19 +668,58 @@ impl Loop {
     }
 
     async fn send_to_peers(&mut self) -> Result<(), NetError> {
+        let mut failed = Vec::new();
         for (&peer, w) in self.writers.iter_mut() {
             if w.buf.is_empty() {
                 continue;
             }
-            w.stream
-                .write_all(&w.buf)
-                .await
-                .map_err(|e| NetError::Peer {
-                    peer,
-                    source: wire::WireError::Io(e),
-                })?;
+            if let Err(e) = w.stream.write_all(&w.buf).await {
+                tracing::warn!(node = self.id, peer, error = %e, "peer connection failed");
+                failed.push(peer);
+            }
             w.buf.clear();
         }
+        for peer in failed {
+            self.writers.remove(&peer);
+            self.down.insert(peer);
+        }
         Ok(())
+    }
+
+    /// Takes every update that has waited for its parity node longer than the bound to a
+    /// parity proxy: the next node after this one that is neither its parity node nor down.
+    fn check_parity_timeouts(&mut self) -> Result<(), NetError> {
+        let now = tokio::time::Instant::now();
+        self.next_check = now + self.parity_timeout / 4;
+        let waiting = self.node.awaiting_parity();
+        self.seen
+            .retain(|w, _| waiting.iter().any(|(_, x, proxied)| x == w && !proxied));
+        let nodes = self.layout.nodes();
+        let mut out = Outbox::default();
+        for (stripe, w, proxied) in waiting {
+            if proxied {
+                continue;
+            }
+            let since = *self.seen.entry(w).or_insert(now);
+            if now.duration_since(since) < self.parity_timeout {
+                continue;
+            }
+            let p = self.layout.parity_node(stripe);
+            let proxy = (1..nodes)
+                .map(|i| (self.id + i) % nodes)
+                .find(|&n| n != p && !self.down.contains(&n));
+            if let Some(proxy) = proxy {
+                tracing::warn!(
+                    node = self.id,
+                    stripe,
+                    parity = p,
+                    proxy,
+                    "parity node too slow; using a proxy"
+                );
+                self.node.reroute_to_proxy(stripe, proxy, &mut out);
+                self.seen.remove(&w);
+            }
+        }
+        self.settle(out)
     }
 }
