@@ -19,6 +19,9 @@ pub struct Outbox {
     /// Old data whose checksum did not match: the write is refused, nothing is laundered
     /// into parity.
     pub corrupt: Vec<WriteId>,
+    /// Answers to [`Node::read`]: the block, or `None` if this node holds no data column of
+    /// the stripe or the block failed its checksum.
+    pub reads: Vec<(u64, Option<Vec<u8>>)>,
 }
 
 #[derive(Debug, Clone)]
@@ -126,6 +129,8 @@ pub struct Node<D: Disk> {
     abandoned: std::collections::HashSet<WriteId>,
     /// Proxy role: copies held for other nodes' updates: (data node, stripe, durable).
     proxied: HashMap<WriteId, (NodeId, u64, bool)>,
+    /// Reads waiting for the update in progress on their stripe to be resolved.
+    pending_reads: HashMap<u64, Vec<u64>>,
 }
 
 impl<D: Disk> std::fmt::Debug for Node<D> {
@@ -208,7 +213,28 @@ impl<D: Disk> Node<D> {
             repair: BTreeSet::new(),
             abandoned: std::collections::HashSet::new(),
             proxied: HashMap::new(),
+            pending_reads: HashMap::new(),
         }
+    }
+
+    /// Reads this node's data column of `stripe`, answered in `out.reads` with `read_id`.
+    /// If an update of the stripe is in progress (not yet hardened on both sides), the read
+    /// waits until it is resolved and returns the new data: a read never returns a version
+    /// that recovery could still take either way.
+    pub fn read(&mut self, read_id: u64, stripe: u64, out: &mut Outbox) {
+        if self.layout.column_of(stripe, self.id).is_none() || stripe >= self.layout.stripes {
+            out.reads.push((read_id, None));
+        } else if self.data.contains_key(&stripe) {
+            self.pending_reads.entry(stripe).or_default().push(read_id);
+        } else {
+            out.reads.push((read_id, self.read_current(stripe)));
+        }
+    }
+
+    fn read_current(&self, stripe: u64) -> Option<Vec<u8>> {
+        let (loc, crc) = self.map[stripe as usize];
+        let block = self.disk.read(loc);
+        (crc32c::crc32c(&block) == crc).then_some(block)
     }
 
     /// Updates in progress here (data role) that the parity node has not yet hardened:
@@ -463,6 +489,12 @@ impl<D: Disk> Node<D> {
         let token = u.write_id << 3 | STEP_COMPLETE;
         self.freeing.insert(token, (Role::Data, u.old_loc));
         self.disk.flush(token);
+        if let Some(reads) = self.pending_reads.remove(&stripe) {
+            let block = self.read_current(stripe);
+            for id in reads {
+                out.reads.push((id, block.clone()));
+            }
+        }
         self.next_write(stripe, out);
     }
 

@@ -211,6 +211,20 @@ enum ClientOp {
         fua: bool,
     },
     Flush,
+    Read {
+        stripe: u64,
+        column: usize,
+    },
+}
+
+/// A read as the checker sees it: the answer must be a write of the block issued before
+/// the answer, and no older than the block's last answered write when it was issued.
+#[derive(Debug, Clone)]
+struct ReadRecord {
+    stripe: u64,
+    column: usize,
+    /// Index (in `writes`) of the block's last answered write when the read was issued.
+    floor: Option<usize>,
 }
 
 /// Outcome of one simulated run with a cut.
@@ -246,10 +260,44 @@ struct Cluster {
     toughness: Toughness,
     rng: Rng,
     rerouted: usize,
+    reads: Vec<ReadRecord>,
+    /// The first wrong read answer.
+    read_error: Option<String>,
 }
 
 impl Cluster {
     fn deliver_outbox(&mut self, out: Outbox) {
+        for (id, value) in out.reads {
+            let r = self.reads[id as usize].clone();
+            let history: Vec<usize> = (0..self.writes.len())
+                .filter(|&i| self.writes[i].stripe == r.stripe && self.writes[i].column == r.column)
+                .collect();
+            let from = r
+                .floor
+                .and_then(|f| history.iter().position(|&i| i == f))
+                .unwrap_or(0);
+            let mut acceptable: Vec<&[u8]> = history[from..]
+                .iter()
+                .map(|&i| self.writes[i].data.as_slice())
+                .collect();
+            let zeros = vec![0u8; self.layout.block_bytes];
+            if r.floor.is_none() {
+                acceptable.push(&zeros);
+            }
+            let ok = value.as_deref().is_some_and(|v| acceptable.contains(&v));
+            if !ok && self.read_error.is_none() {
+                self.read_error = Some(format!(
+                    "read {id} of stripe {} column {} returned {}",
+                    r.stripe,
+                    r.column,
+                    if value.is_some() {
+                        "a version older than its last answered write, or never written"
+                    } else {
+                        "nothing"
+                    }
+                ));
+            }
+        }
         for (to, msg) in out.sends {
             if self.rng.chance(5) {
                 self.net.push((to, msg.clone()));
@@ -300,6 +348,23 @@ impl Cluster {
                 });
                 let mut out = Outbox::default();
                 self.nodes[node].client_write(id, stripe, data, &mut out);
+                self.deliver_outbox(out);
+            }
+            ClientOp::Read { stripe, column } => {
+                // Read-your-writes: no older than the block's last answered write.
+                let floor = self
+                    .writes
+                    .iter()
+                    .rposition(|w| w.stripe == stripe && w.column == column && w.answered);
+                let id = self.reads.len() as u64;
+                self.reads.push(ReadRecord {
+                    stripe,
+                    column,
+                    floor,
+                });
+                let mut out = Outbox::default();
+                let node = self.layout.data_node(stripe, column);
+                self.nodes[node].read(id, stripe, &mut out);
                 self.deliver_outbox(out);
             }
             ClientOp::Flush => {
@@ -413,6 +478,11 @@ fn setup(rng: &mut Rng) -> (Layout, u64, Vec<ClientOp>) {
         .map(|_| {
             if rng.chance(10) {
                 ClientOp::Flush
+            } else if rng.chance(10) {
+                ClientOp::Read {
+                    stripe: rng.below(layout.stripes),
+                    column: rng.below(layout.data_columns as u64) as usize,
+                }
             } else {
                 ClientOp::Write {
                     stripe: rng.below(layout.stripes),
@@ -452,6 +522,8 @@ pub fn run_with_cut(cfg: RunConfig) -> Result<RunStats, String> {
         toughness: cfg.toughness,
         rng: Rng::new(rng.next_u64()),
         rerouted: 0,
+        reads: Vec::new(),
+        read_error: None,
     };
     let cut_after = 1 + rng.below(60 * ops.len() as u64 + 1);
     let mut steps = 0u64;
@@ -504,6 +576,9 @@ pub fn run_with_cut(cfg: RunConfig) -> Result<RunStats, String> {
     let rec = recovery::recover(&cl.layout, &journals, cl.locations, |n, loc| {
         crc32c::crc32c(&cl.nodes[n].disk.durable_block(loc))
     });
+    if let Some(e) = cl.read_error.take() {
+        return Err(e);
+    }
     check(&cl, &rec)?;
     Ok(RunStats {
         writes: cl.writes.len(),
