@@ -103,10 +103,10 @@ fn writes_survive_on_real_files_and_recover_from_the_journals() {
     assert!(cl.nodes.iter().all(|n| n.idle()));
 
     // Recovery from what is on disk must land on the same columns.
-    let journals: Vec<Vec<u8>> = cl
+    let journals: Vec<Vec<Vec<u8>>> = cl
         .nodes
         .iter()
-        .map(|n| n.disk.journal_bytes().unwrap())
+        .map(|n| n.disk.journal_halves().unwrap())
         .collect();
     let rec = recovery::recover(&layout, &journals, locations, |n, loc| {
         crc32c::crc32c(&cl.nodes[n].disk.read(loc))

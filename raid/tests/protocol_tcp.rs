@@ -8,6 +8,7 @@ use std::fs::File;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use raid::journal::record::{replay, Body};
 use raid::protocol::file_disk::{read_block, read_journal};
 use raid::protocol::net::{self, NetConfig, NetError};
 use raid::protocol::{recovery, Layout, Toughness};
@@ -61,6 +62,8 @@ fn writes_over_tcp_recover_from_the_device_files() {
                     .map(|p| (p, addrs[p]))
                     .collect(),
                 parity_timeout: net::PARITY_TIMEOUT,
+                // Small, so that the journal halves turn over during the test.
+                checkpoint_bytes: Some(8 << 10),
             };
             let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
             let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
@@ -121,10 +124,18 @@ fn writes_over_tcp_recover_from_the_device_files() {
     let files: Vec<File> = (0..layout.nodes())
         .map(|id| File::open(device(id)).unwrap())
         .collect();
-    let journals: Vec<Vec<u8>> = files
+    let journals: Vec<Vec<Vec<u8>>> = files
         .iter()
         .map(|f| read_journal(f, JOURNAL).unwrap())
         .collect();
+    // Checkpoints turned the journal halves over: recovery starts from one.
+    let checkpointed = journals.iter().flatten().any(|half| {
+        matches!(
+            replay(half, None).records.first().map(|r| &r.body),
+            Some(Body::Checkpoint(_))
+        )
+    });
+    assert!(checkpointed, "no node wrote a checkpoint");
     let read = |n: usize, loc: u64| read_block(&files[n], JOURNAL, BLOCK, loc).unwrap();
     let rec = recovery::recover(&layout, &journals, LOCATIONS, |n, loc| {
         crc32c::crc32c(&read(n, loc))
@@ -192,6 +203,7 @@ fn a_dead_parity_node_is_replaced_by_a_proxy_and_its_stripes_marked_for_repair()
                     .map(|p| (p, addrs[p]))
                     .collect(),
                 parity_timeout: std::time::Duration::from_millis(300),
+                checkpoint_bytes: Some(8 << 10),
             };
             let dead_tx = if id == 2 { dead_tx.take() } else { None };
             let done_rx = if id == 1 { done_rx.take() } else { None };
@@ -258,7 +270,7 @@ fn a_dead_parity_node_is_replaced_by_a_proxy_and_its_stripes_marked_for_repair()
     let files: Vec<File> = (0..layout.nodes())
         .map(|id| File::open(device(id)).unwrap())
         .collect();
-    let journals: Vec<Vec<u8>> = files
+    let journals: Vec<Vec<Vec<u8>>> = files
         .iter()
         .map(|f| read_journal(f, JOURNAL).unwrap())
         .collect();

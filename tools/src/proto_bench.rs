@@ -26,10 +26,6 @@ use raid::protocol::{Layout, Toughness};
 
 pub const BLOCK: usize = 4096;
 const CLUSTER: u64 = 0x0b10_cd00_be4c;
-/// Journal bytes budgeted per write per node (a write journals about 250 bytes on each
-/// side), at up to this many writes per second.
-const JOURNAL_PER_WRITE: u64 = 320;
-const WRITES_PER_SECOND_MAX: u64 = 80_000;
 /// A write slower than this is a stall: the run stops and prints the node's state.
 const STALL: Duration = Duration::from_secs(20);
 
@@ -52,9 +48,10 @@ pub fn layout(stripes: u64) -> Layout {
 }
 
 /// Device sizes for a run of `runs` workloads of `seconds` each.
-pub fn sizes(stripes: u64, seconds: f64, runs: usize) -> (u64, u64) {
-    let writes = (seconds * runs as f64 + 2.0) * WRITES_PER_SECOND_MAX as f64;
-    let journal = ((writes as u64 * JOURNAL_PER_WRITE) >> 20 << 20).max(64 << 20);
+pub fn sizes(stripes: u64) -> (u64, u64) {
+    // Checkpoints reclaim the journal: it needs room for a checkpoint (12 bytes a stripe)
+    // and the records between two of them, not for the whole run.
+    let journal = (64 << 20).max(stripes * 12 * 16);
     let locations = stripes + 2 * net::INFLIGHT_MAX as u64 + 64;
     (journal, locations)
 }
@@ -66,7 +63,7 @@ fn config(
     journal: u64,
     peers: Vec<(usize, SocketAddr)>,
 ) -> NetConfig {
-    let (_, locations) = sizes(stripes, 0.0, 0);
+    let (_, locations) = sizes(stripes);
     NetConfig {
         id,
         layout: layout(stripes),
@@ -76,6 +73,7 @@ fn config(
         locations,
         peers,
         parity_timeout: net::PARITY_TIMEOUT,
+        checkpoint_bytes: None,
     }
 }
 
@@ -342,8 +340,7 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
                 .ok_or_else(|| format!("toughness {level} is not 0, 1 or 2"))?,
         );
     }
-    let runs = args.rounds * (levels.len() * args.depths.len() + 1);
-    let (journal, _) = sizes(args.stripes, args.seconds, runs);
+    let (journal, _) = sizes(args.stripes);
     let (peer, peer_addr) = spawn_peer(&args.dir, args.stripes, journal)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -109,6 +109,93 @@ pub enum Body {
     /// of `stripe` is the bytes that follow (`new_crc` is their crc32c; no locations). The
     /// stripe's parity is stale until it is repaired; this record is its mark.
     Proxy(Intent, Vec<u8>),
+    /// An encoded [`Checkpoint`]: the first record of a journal half.
+    Checkpoint(Vec<u8>),
+    /// Ends a checkpoint: the records between it and the checkpoint (the updates in
+    /// progress, journalled again) are all there. A half whose checkpoint has no end is not
+    /// replayed.
+    CheckpointEnd(Seal),
+}
+
+/// Names the checkpoint (by its record's sequence number) that a `CheckpointEnd` ends.
+#[repr(C)]
+#[derive(
+    FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Debug, Clone, Copy, PartialEq, Eq,
+)]
+pub struct Seal {
+    pub checkpoint_seq: U64,
+}
+
+/// A node's resolved state, written as the first record of a journal half: replay of that
+/// half starts from it instead of from the initial layout, so the other half (and every
+/// record of a completed update in it) can be overwritten.
+///
+/// Encoding (little-endian): three u64 counts (map, done, repair), then the map entries
+/// (u64 location, u32 crc32c), the done entries (u64 stripe, u32 column, u64 sequence), and
+/// the repair stripes (u64).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Checkpoint {
+    /// Per stripe, the location and crc32c of this node's column (as of completed updates).
+    pub map: Vec<(u64, u32)>,
+    /// Per (stripe, column), the stripe sequence of the last update completed here: every
+    /// update of that column at or below it went forward (both sides hardened).
+    pub done: Vec<(u64, u32, u64)>,
+    /// Stripes marked for repair (their parity missed an update that went to a proxy).
+    pub repair: Vec<u64>,
+}
+
+impl Checkpoint {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(24 + self.map.len() * 12 + self.done.len() * 20);
+        for n in [self.map.len(), self.done.len(), self.repair.len()] {
+            b.extend_from_slice(&(n as u64).to_le_bytes());
+        }
+        for (loc, crc) in &self.map {
+            b.extend_from_slice(&loc.to_le_bytes());
+            b.extend_from_slice(&crc.to_le_bytes());
+        }
+        for (stripe, column, seq) in &self.done {
+            b.extend_from_slice(&stripe.to_le_bytes());
+            b.extend_from_slice(&column.to_le_bytes());
+            b.extend_from_slice(&seq.to_le_bytes());
+        }
+        for stripe in &self.repair {
+            b.extend_from_slice(&stripe.to_le_bytes());
+        }
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Option<Checkpoint> {
+        let mut at = 0usize;
+        let mut take = |n: usize| -> Option<&[u8]> {
+            let s = b.get(at..at.checked_add(n)?)?;
+            at += n;
+            Some(s)
+        };
+        let u64_of = |s: &[u8]| s.try_into().ok().map(u64::from_le_bytes);
+        let u32_of = |s: &[u8]| s.try_into().ok().map(u32::from_le_bytes);
+        let (maps, dones, repairs) = (
+            u64_of(take(8)?)? as usize,
+            u64_of(take(8)?)? as usize,
+            u64_of(take(8)?)? as usize,
+        );
+        if maps.checked_mul(12)? + dones.checked_mul(20)? + repairs.checked_mul(8)? + 24 != b.len()
+        {
+            return None;
+        }
+        let mut c = Checkpoint::default();
+        for _ in 0..maps {
+            c.map.push((u64_of(take(8)?)?, u32_of(take(4)?)?));
+        }
+        for _ in 0..dones {
+            c.done
+                .push((u64_of(take(8)?)?, u32_of(take(4)?)?, u64_of(take(8)?)?));
+        }
+        for _ in 0..repairs {
+            c.repair.push(u64_of(take(8)?)?);
+        }
+        Some(c)
+    }
 }
 
 impl Body {
@@ -123,6 +210,8 @@ impl Body {
             Body::MjComplete(_) => 7,
             Body::PjComplete(_) => 8,
             Body::Proxy(..) => 9,
+            Body::Checkpoint(_) => 10,
+            Body::CheckpointEnd(_) => 11,
         }
     }
 
@@ -136,6 +225,8 @@ impl Body {
             Body::MjComplete(b) | Body::PjComplete(b) => (b.as_bytes(), &[]),
             Body::Free(b) => (b.as_bytes(), &[]),
             Body::Proxy(i, data) => (i.as_bytes(), data),
+            Body::Checkpoint(b) => (b, &[]),
+            Body::CheckpointEnd(b) => (b.as_bytes(), &[]),
         }
     }
 
@@ -157,6 +248,11 @@ impl Body {
                 }
                 Body::Proxy(intent, data.to_vec())
             }
+            10 => {
+                Checkpoint::decode(body)?;
+                Body::Checkpoint(body.to_vec())
+            }
+            11 => Body::CheckpointEnd(Seal::read_from_bytes(body).ok()?),
             _ => return None,
         })
     }
@@ -338,6 +434,21 @@ mod tests {
             encode(r, &mut out);
         }
         out
+    }
+
+    #[test]
+    fn checkpoint_round_trips_and_rejects_bad_lengths() {
+        let c = Checkpoint {
+            map: vec![(1, 2), (3, 4)],
+            done: vec![(5, 1, 9)],
+            repair: vec![7],
+        };
+        let b = c.encode();
+        assert_eq!(Checkpoint::decode(&b), Some(c));
+        assert_eq!(Checkpoint::decode(&b[..b.len() - 1]), None);
+        let mut long = b.clone();
+        long.push(0);
+        assert_eq!(Checkpoint::decode(&long), None);
     }
 
     #[test]

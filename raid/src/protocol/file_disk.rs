@@ -1,7 +1,8 @@
 //! A [`Disk`] on a real file: one device file holding a journal region and block slots.
 //!
 //! ```text
-//! [0, journal_bytes)                          journal (records appended from offset 0)
+//! [0, journal_bytes / 2)                      journal half 0
+//! [journal_bytes / 2, journal_bytes)          journal half 1
 //! [journal_bytes + loc * block_bytes, +block) block slot `loc`
 //! ```
 //!
@@ -14,8 +15,9 @@
 //! [`FileDisk::create`] writes the whole file once, so that later writes overwrite
 //! allocated blocks and an `fdatasync` has no file-system metadata to commit.
 //!
-//! Limit: the journal region is not reclaimed yet; an append past its end fails the disk
-//! (reported by the next flush), never overwrites a block.
+//! Records are appended to the active half; a checkpoint (see [`super::node`]) switches to
+//! the other half, so the journal's space is reclaimed. An append past the end of a half
+//! fails the disk (reported by the next flush), never overwrites anything else.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -37,6 +39,8 @@ pub struct FileDisk {
     block_bytes: usize,
     journal_bytes: u64,
     locations: u64,
+    /// Active journal half, and bytes appended to it.
+    active: u64,
     journal_len: u64,
     pending: Vec<u64>,
     /// First I/O error, reported by the next flush (a `Disk` call cannot fail).
@@ -81,6 +85,7 @@ impl FileDisk {
             block_bytes,
             journal_bytes,
             locations,
+            active: 0,
             journal_len: 0,
             pending: Vec::new(),
             error: None,
@@ -116,12 +121,17 @@ impl FileDisk {
         &self.pending
     }
 
+    /// Bytes appended to the active journal half, and the size of a half.
+    pub fn journal_fill(&self) -> (u64, u64) {
+        (self.journal_len, self.journal_bytes / 2)
+    }
+
     pub fn has_pending_flushes(&self) -> bool {
         !self.pending.is_empty() || self.error.is_some()
     }
 
-    /// The journal region as it is on the file (for recovery); replay stops at its end.
-    pub fn journal_bytes(&self) -> io::Result<Vec<u8>> {
+    /// The journal's two halves as they are on the file (for recovery).
+    pub fn journal_halves(&self) -> io::Result<Vec<Vec<u8>>> {
         read_journal(&self.file, self.journal_bytes)
     }
 
@@ -142,11 +152,16 @@ pub fn forget_cached(file: &File) -> io::Result<()> {
     Ok(())
 }
 
-/// Reads the journal region of a device file laid out as [`FileDisk`] lays it out.
-pub fn read_journal(file: &File, journal_bytes: u64) -> io::Result<Vec<u8>> {
-    let mut out = vec![0u8; journal_bytes as usize];
-    file.read_exact_at(&mut out, 0)?;
-    Ok(out)
+/// Reads the two journal halves of a device file laid out as [`FileDisk`] lays it out.
+pub fn read_journal(file: &File, journal_bytes: u64) -> io::Result<Vec<Vec<u8>>> {
+    let half = journal_bytes / 2;
+    (0..2)
+        .map(|h| {
+            let mut out = vec![0u8; half as usize];
+            file.read_exact_at(&mut out, h * half)?;
+            Ok(out)
+        })
+        .collect()
 }
 
 /// Reads block slot `loc` of a device file laid out as [`FileDisk`] lays it out.
@@ -185,14 +200,15 @@ impl Disk for FileDisk {
     }
 
     fn append_journal(&mut self, bytes: &[u8]) {
+        let half = self.journal_bytes / 2;
         let end = self.journal_len + bytes.len() as u64;
-        let result = if end > self.journal_bytes {
+        let result = if end > half {
             Err(io::Error::other(format!(
-                "journal region of {} bytes is full",
-                self.journal_bytes
+                "journal half of {half} bytes is full (checkpoints are not keeping up)"
             )))
         } else {
-            self.file.write_all_at(bytes, self.journal_len)
+            self.file
+                .write_all_at(bytes, self.active * half + self.journal_len)
         };
         match result {
             Ok(()) => self.journal_len = end,
@@ -200,6 +216,11 @@ impl Disk for FileDisk {
                 self.error.get_or_insert(e);
             }
         }
+    }
+
+    fn switch_journal(&mut self) {
+        self.active ^= 1;
+        self.journal_len = 0;
     }
 
     fn flush(&mut self, token: u64) {

@@ -157,8 +157,13 @@ pub trait Disk {
     fn read(&self, loc: Loc) -> Vec<u8>;
     /// A write that is volatile until a later flush completes.
     fn write(&mut self, loc: Loc, data: &[u8]);
-    /// Appends encoded journal bytes (volatile until flushed).
+    /// Appends encoded journal bytes to the active half of the journal (volatile until
+    /// flushed).
     fn append_journal(&mut self, bytes: &[u8]);
+    /// Makes the other half of the journal active: later appends write it from its start,
+    /// over whatever it held. The node does this to begin a checkpoint, and only once the
+    /// previous checkpoint is durable (so the half it overwrites is no longer needed).
+    fn switch_journal(&mut self);
     /// Starts a flush of everything written so far; the node is told via
     /// [`node::Node::flushed`] with the same token when it completes.
     fn flush(&mut self, token: u64);

@@ -92,8 +92,12 @@ pub struct NetConfig {
     pub cluster: u64,
     /// The device file (created, zero-filled).
     pub device: PathBuf,
-    /// Journal region of the device file.
+    /// Journal region of the device file (two halves; see [`FileDisk`]).
     pub journal_bytes: u64,
+    /// Journal bytes between checkpoints (`None`: an eighth of the region, a quarter of a
+    /// half). A checkpoint holds 12 bytes per stripe plus the updates in progress, and must
+    /// fit in what is left of a half.
+    pub checkpoint_bytes: Option<u64>,
     /// Block slots on the device: the stripes' columns plus room for new locations.
     pub locations: u64,
     /// Every other node's address.
@@ -199,7 +203,8 @@ pub async fn start(
     let zero_crc = crc32c::crc32c(&vec![0u8; block]);
     let map = (0..cfg.layout.stripes).map(|s| (s, zero_crc)).collect();
     let free: BTreeSet<Loc> = (cfg.layout.stripes..cfg.locations).collect();
-    let node = Node::new(cfg.id, cfg.layout, disk, map, free, 0);
+    let mut node = Node::new(cfg.id, cfg.layout, disk, map, free, 0);
+    node.set_checkpoint_every(Some(cfg.checkpoint_bytes.unwrap_or(cfg.journal_bytes / 8)));
 
     let (tx, rx) = mpsc::unbounded_channel();
     let writers = connect_peers(&cfg, listener, &tx).await?;

@@ -58,6 +58,7 @@ struct UpdateReq {
 struct ParityUpdate {
     req: UpdateReq,
     old_loc: Loc,
+    old_crc: u32,
     new_loc: Loc,
     /// crc32c of the merged new parity (set with `merged`).
     new_crc: u32,
@@ -79,6 +80,8 @@ const STEP_DATA: u64 = 1;
 const STEP_PARITY: u64 = 3;
 const STEP_COMPLETE: u64 = 5;
 const STEP_PROXY: u64 = 6;
+/// A checkpoint's flush: (checkpoint number << 3) | 7. No write's token uses step 7.
+const STEP_CHECKPOINT: u64 = 7;
 
 /// Whether the flush started with `token` only makes completion records and frees durable.
 /// Nothing waits on such a flush: a driver may delay it and let a later flush cover it.
@@ -131,6 +134,17 @@ pub struct Node<D: Disk> {
     proxied: HashMap<WriteId, (NodeId, u64, bool)>,
     /// Reads waiting for the update in progress on their stripe to be resolved.
     pending_reads: HashMap<u64, Vec<u64>>,
+    /// Proxy role: the copies held, re-journalled by every checkpoint until repaired.
+    proxy_copies: HashMap<WriteId, (Intent, Vec<u8>)>,
+    /// Per (stripe, column), the sequence of the last update completed here.
+    done: HashMap<(u64, u32), u64>,
+    /// Journal bytes after which the node writes a checkpoint (`None`: never).
+    checkpoint_every: Option<u64>,
+    journal_since_checkpoint: u64,
+    checkpoints: u64,
+    /// The last checkpoint's flush token while it is not yet durable: until it is, the
+    /// other half still holds the only complete journal, so no new checkpoint may start.
+    checkpoint_pending: Option<u64>,
 }
 
 impl<D: Disk> std::fmt::Debug for Node<D> {
@@ -214,7 +228,105 @@ impl<D: Disk> Node<D> {
             abandoned: std::collections::HashSet::new(),
             proxied: HashMap::new(),
             pending_reads: HashMap::new(),
+            proxy_copies: HashMap::new(),
+            done: HashMap::new(),
+            checkpoint_every: None,
+            journal_since_checkpoint: 0,
+            checkpoints: 0,
+            checkpoint_pending: None,
         }
+    }
+
+    /// Writes a checkpoint whenever `bytes` of journal were appended since the last one
+    /// (and the last one is durable). A checkpoint starts the other journal half with the
+    /// node's resolved state (each column where its last completed update put it, the last
+    /// completed sequence per column, the stripes marked for repair), then journals again
+    /// the intents and marks of the updates in progress and the proxy copies held. Replay
+    /// starts from the newest complete checkpoint, so the other half is free to overwrite:
+    /// the journal's space is reclaimed. Keep `bytes` under half the half's size.
+    pub fn set_checkpoint_every(&mut self, bytes: Option<u64>) {
+        self.checkpoint_every = bytes;
+    }
+
+    /// Checkpoints written so far.
+    pub fn checkpoints(&self) -> u64 {
+        self.checkpoints
+    }
+
+    fn maybe_checkpoint(&mut self) {
+        let Some(every) = self.checkpoint_every else {
+            return;
+        };
+        if self.journal_since_checkpoint < every || self.checkpoint_pending.is_some() {
+            return;
+        }
+        let mut map = self.map.clone();
+        for (s, u) in &self.data {
+            map[*s as usize] = (u.old_loc, crc32c::crc32c(&u.old));
+        }
+        for (s, u) in &self.parity {
+            map[*s as usize] = (u.old_loc, u.old_crc);
+        }
+        let mut done: Vec<(u64, u32, u64)> =
+            self.done.iter().map(|(&(s, c), &q)| (s, c, q)).collect();
+        done.sort_unstable();
+        let checkpoint = record::Checkpoint {
+            map,
+            done,
+            repair: self.repair.iter().copied().collect(),
+        };
+        self.disk.switch_journal();
+        let checkpoint_seq = self.next_jseq;
+        self.journal(Body::Checkpoint(checkpoint.encode()));
+        let mut again = Vec::new();
+        for (&stripe, u) in &self.data {
+            let column = self.layout.column_of(stripe, self.id).unwrap_or(0);
+            again.push(Body::Mj(Intent {
+                write_id: U64::new(u.write_id),
+                stripe: U64::new(stripe),
+                stripe_seq: U64::new(u.seq),
+                new_loc: U64::new(u.new_loc),
+                old_loc: U64::new(u.old_loc),
+                column: U32::new(column as u32),
+                new_crc: U32::new(u.new_crc),
+            }));
+            again.push(Body::DataHardened(Self::mark(
+                u.write_id, stripe, u.seq, u.new_crc,
+            )));
+        }
+        for (&stripe, u) in &self.parity {
+            again.push(Body::Pj(Intent {
+                write_id: U64::new(u.req.write_id),
+                stripe: U64::new(stripe),
+                stripe_seq: U64::new(u.req.seq),
+                new_loc: U64::new(u.new_loc),
+                old_loc: U64::new(u.old_loc),
+                column: U32::new(u.req.column as u32),
+                new_crc: U32::new(0),
+            }));
+            if u.merged {
+                again.push(Body::ParityHardened(Self::mark(
+                    u.req.write_id,
+                    stripe,
+                    u.req.seq,
+                    u.new_crc,
+                )));
+            }
+        }
+        for (intent, data) in self.proxy_copies.values() {
+            again.push(Body::Proxy(*intent, data.clone()));
+        }
+        for body in again {
+            self.journal(body);
+        }
+        self.journal(Body::CheckpointEnd(record::Seal {
+            checkpoint_seq: U64::new(checkpoint_seq),
+        }));
+        self.journal_since_checkpoint = 0;
+        self.checkpoints += 1;
+        let token = self.checkpoints << 3 | STEP_CHECKPOINT;
+        self.checkpoint_pending = Some(token);
+        self.disk.flush(token);
     }
 
     /// Reads this node's data column of `stripe`, answered in `out.reads` with `read_id`.
@@ -341,6 +453,7 @@ impl<D: Disk> Node<D> {
             &mut bytes,
         );
         self.next_jseq += 1;
+        self.journal_since_checkpoint += bytes.len() as u64;
         self.disk.append_journal(&bytes);
     }
 
@@ -367,6 +480,17 @@ impl<D: Disk> Node<D> {
 
     /// A client write of this node's column of `stripe`.
     pub fn client_write(
+        &mut self,
+        write_id: WriteId,
+        stripe: u64,
+        data: Vec<u8>,
+        out: &mut Outbox,
+    ) {
+        self.client_write_inner(write_id, stripe, data, out);
+        self.maybe_checkpoint();
+    }
+
+    fn client_write_inner(
         &mut self,
         write_id: WriteId,
         stripe: u64,
@@ -481,6 +605,8 @@ impl<D: Disk> Node<D> {
             return;
         };
         out.reached.push((u.write_id, Toughness::Durable));
+        let column = self.layout.column_of(stripe, self.id).unwrap_or(0) as u32;
+        self.done.insert((stripe, column), u.seq);
         // Both sides hardened: the old data is no longer needed by any recovery.
         self.journal(Body::Free(Free {
             loc: U64::new(u.old_loc),
@@ -507,6 +633,19 @@ impl<D: Disk> Node<D> {
     }
 
     fn start_parity(&mut self, stripe: u64, req: UpdateReq, out: &mut Outbox) {
+        let applied = self
+            .applied
+            .get(&(stripe, req.column))
+            .copied()
+            .unwrap_or(0);
+        if req.seq <= applied {
+            // Superseded while it waited: a newer update of its column was applied (this
+            // one went to a proxy; its stripe is marked for repair). Its `DataHardened`
+            // may have been dropped as a duplicate, so starting it could wait forever.
+            self.pushed.remove(&req.write_id);
+            self.early_hardened.remove(&req.write_id);
+            return self.next_parity(stripe, out);
+        }
         let old_loc = self.map[stripe as usize].0;
         let Some(new_loc) = self.allocate(Role::Parity) else {
             self.parity_queue.entry(stripe).or_default().push_front(req);
@@ -528,6 +667,7 @@ impl<D: Disk> Node<D> {
             ParityUpdate {
                 req,
                 old_loc,
+                old_crc: self.map[stripe as usize].1,
                 new_loc,
                 new_crc: 0,
                 merged: false,
@@ -588,6 +728,7 @@ impl<D: Disk> Node<D> {
         let Some(u) = self.parity.remove(&stripe) else {
             return;
         };
+        self.done.insert((stripe, u.req.column as u32), u.req.seq);
         self.journal(Body::Free(Free {
             loc: U64::new(u.old_loc),
         }));
@@ -635,6 +776,11 @@ impl<D: Disk> Node<D> {
 
     /// A peer message arrived.
     pub fn receive(&mut self, msg: Msg, out: &mut Outbox) {
+        self.receive_inner(msg, out);
+        self.maybe_checkpoint();
+    }
+
+    fn receive_inner(&mut self, msg: Msg, out: &mut Outbox) {
         match msg {
             Msg::Update {
                 write_id,
@@ -754,6 +900,7 @@ impl<D: Disk> Node<D> {
                         column: U32::new(column as u32),
                         new_crc: U32::new(crc32c::crc32c(&data)),
                     };
+                    self.proxy_copies.insert(write_id, (intent, data.clone()));
                     self.journal(Body::Proxy(intent, data));
                     self.disk.flush(write_id << 3 | STEP_PROXY);
                 }
@@ -805,8 +952,16 @@ impl<D: Disk> Node<D> {
 
     /// The flush started with `token` completed: everything written before it is durable.
     pub fn flushed(&mut self, token: u64, out: &mut Outbox) {
+        self.flushed_inner(token, out);
+        self.maybe_checkpoint();
+    }
+
+    fn flushed_inner(&mut self, token: u64, out: &mut Outbox) {
         let (write_id, step) = (token >> 3, token & 7);
         match step {
+            STEP_CHECKPOINT if self.checkpoint_pending == Some(token) => {
+                self.checkpoint_pending = None;
+            }
             STEP_DATA => {
                 let Some((stripe, new_loc, crc, seq)) = self
                     .data
@@ -843,7 +998,11 @@ impl<D: Disk> Node<D> {
                     return;
                 };
                 self.map[stripe as usize] = (new_loc, crc);
-                self.applied.insert((stripe, req.column), req.seq);
+                // Never backwards: an update that went to a proxy may still arrive here late
+                // and be applied after a newer one (deltas commute), and must not reopen the
+                // newer one to a duplicate.
+                let applied = self.applied.entry((stripe, req.column)).or_insert(0);
+                *applied = (*applied).max(req.seq);
                 if let Some(u) = self.parity.get_mut(&stripe) {
                     u.own_hardened = true;
                 }

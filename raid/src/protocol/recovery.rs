@@ -43,29 +43,104 @@ pub struct Recovered {
     pub violations: Vec<String>,
 }
 
-/// Recovers from each node's durable journal bytes and blocks: `block_crc(node, loc)` is the
-/// crc32c of the block at `loc` on `node`'s device as it is after the crash. Every node's
-/// column of stripe `s` starts at location `s`; each device has `locations` slots.
+/// Where one node's replay starts: a checkpoint (or the initial layout) and the records
+/// after it.
+struct Start {
+    map: Vec<Loc>,
+    records: Vec<Record>,
+    checkpoint: Option<record::Checkpoint>,
+    next_jseq: u64,
+}
+
+/// Picks the journal half to replay: the one that starts with the newest complete
+/// checkpoint, or half 0 from the initial layout if no checkpoint was ever completed.
+fn start_of(layout: &Layout, halves: &[Vec<u8>]) -> Start {
+    let mut best: Option<(u64, Start)> = None;
+    for (h, bytes) in halves.iter().enumerate() {
+        let mut records = record::replay(bytes, None).records;
+        let Some(first) = records.first() else {
+            continue;
+        };
+        let seq = first.seq;
+        // A checkpoint counts only with its end: the updates in progress that it journalled
+        // again after itself must all be there.
+        let sealed = records
+            .iter()
+            .any(|r| matches!(&r.body, Body::CheckpointEnd(e) if e.checkpoint_seq.get() == seq));
+        let (map, checkpoint) = match &first.body {
+            Body::Checkpoint(b) => match record::Checkpoint::decode(b) {
+                Some(c) if c.map.len() as u64 == layout.stripes && sealed => {
+                    (c.map.iter().map(|(loc, _)| *loc).collect(), Some(c))
+                }
+                _ => continue,
+            },
+            _ if h == 0 && seq == 0 => ((0..layout.stripes).collect(), None),
+            _ => continue,
+        };
+        if checkpoint.is_some() {
+            records.remove(0);
+        }
+        if best.as_ref().is_none_or(|(s, _)| seq > *s) {
+            let next_jseq = records.last().map_or(seq + 1, |r| r.seq + 1);
+            best = Some((
+                seq,
+                Start {
+                    map,
+                    records,
+                    checkpoint,
+                    next_jseq,
+                },
+            ));
+        }
+    }
+    best.map(|(_, s)| s).unwrap_or_else(|| Start {
+        map: (0..layout.stripes).collect(),
+        records: Vec::new(),
+        checkpoint: None,
+        next_jseq: 0,
+    })
+}
+
+/// Recovers from each node's durable journal (its halves, as on the media) and blocks:
+/// `block_crc(node, loc)` is the crc32c of the block at `loc` on `node`'s device as it is
+/// after the crash. Without a checkpoint, every node's column of stripe `s` starts at
+/// location `s`; each device has `locations` slots.
 pub fn recover(
     layout: &Layout,
-    journals: &[Vec<u8>],
+    journals: &[Vec<Vec<u8>>],
     locations: u64,
     block_crc: impl Fn(NodeId, Loc) -> u32,
 ) -> Recovered {
-    let replays: Vec<Vec<Record>> = journals
-        .iter()
-        .map(|j| record::replay(j, None).records)
-        .collect();
+    let starts: Vec<Start> = journals.iter().map(|h| start_of(layout, h)).collect();
+    // What the checkpoints say was completed, per (stripe, column), on each side.
+    let mut done_data: HashMap<(u64, u32), u64> = HashMap::new();
+    let mut done_parity: HashMap<(u64, u32), u64> = HashMap::new();
+    let mut repair_marked: BTreeSet<u64> = BTreeSet::new();
+    for (node, st) in starts.iter().enumerate() {
+        let Some(c) = &st.checkpoint else {
+            continue;
+        };
+        for &(stripe, column, seq) in &c.done {
+            let side = if layout.parity_node(stripe) == node {
+                &mut done_parity
+            } else {
+                &mut done_data
+            };
+            let e = side.entry((stripe, column)).or_insert(0);
+            *e = (*e).max(seq);
+        }
+        repair_marked.extend(c.repair.iter().copied());
+    }
     let mut data_hardened: HashSet<WriteId> = HashSet::new();
     let mut parity_hardened: HashSet<WriteId> = HashSet::new();
     let mut completed: HashSet<WriteId> = HashSet::new();
     let mut parity_completed: HashSet<WriteId> = HashSet::new();
     let mut proxy_held: HashSet<WriteId> = HashSet::new();
-    for (node, records) in replays.iter().enumerate() {
+    for (node, st) in starts.iter().enumerate() {
         // The new location of each update this node journalled an intent for.
         let mut new_loc: HashMap<WriteId, Loc> = HashMap::new();
-        for r in records {
-            match r.body {
+        for r in &st.records {
+            match &r.body {
                 Body::Mj(i) | Body::Pj(i) => {
                     new_loc.insert(i.write_id.get(), i.new_loc.get());
                 }
@@ -98,53 +173,54 @@ pub fn recover(
             }
         }
     }
+    let at_least = |m: &HashMap<(u64, u32), u64>, stripe: u64, column: u32, seq: u64| {
+        m.get(&(stripe, column)).is_some_and(|&d| d >= seq)
+    };
     // An update goes forward when its data and its parity (or a proxy's copy in place of
-    // the parity) are durable.
-    let both = |w: WriteId| {
+    // the parity) are durable, or a side completed it.
+    let both = |w: WriteId, stripe: u64, column: u32, seq: u64| {
         completed.contains(&w)
+            || at_least(&done_data, stripe, column, seq)
+            || at_least(&done_parity, stripe, column, seq)
             || (data_hardened.contains(&w)
                 && (parity_hardened.contains(&w) || proxy_held.contains(&w)))
     };
-    // The parity side itself moves forward only if it hardened too; a forward update whose
-    // parity node did not leaves that stripe's parity stale: it needs repair.
-    let parity_forward =
-        |w: WriteId| both(w) && (parity_hardened.contains(&w) || parity_completed.contains(&w));
+    // The parity side itself moves forward only if it hardened too. Its own records decide:
+    // a parity update replayed here started after the parity node's checkpoint, so its mark
+    // or completion, if any, is replayed too. (A checkpoint's completed sequence is no proof
+    // that the parity node applied every update below it: it skips those it abandoned.)
+    let parity_ok = |w: WriteId| parity_hardened.contains(&w) || parity_completed.contains(&w);
     let mut out = Recovered {
         maps: Vec::new(),
         free: Vec::new(),
         next_jseq: Vec::new(),
         forward: 0,
         backward: 0,
-        repair: BTreeSet::new(),
+        repair: repair_marked,
         violations: Vec::new(),
     };
-    for (node, records) in replays.iter().enumerate() {
-        let mut map: Vec<Loc> = (0..layout.stripes).collect();
+    for (node, st) in starts.iter().enumerate() {
+        let mut map = st.map.clone();
         // Journal position of each location's last allocation and last free.
         let mut allocated: HashMap<Loc, usize> = HashMap::new();
         let mut freed: HashMap<Loc, usize> = HashMap::new();
-        for (at, r) in records.iter().enumerate() {
-            let (write_id, stripe, new_loc, old_loc, is_data) = match r.body {
-                Body::Mj(m) => (
-                    m.write_id.get(),
-                    m.stripe.get(),
-                    m.new_loc.get(),
-                    m.old_loc.get(),
-                    true,
-                ),
-                Body::Pj(p) => (
-                    p.write_id.get(),
-                    p.stripe.get(),
-                    p.new_loc.get(),
-                    p.old_loc.get(),
-                    false,
-                ),
+        for (at, r) in st.records.iter().enumerate() {
+            let (i, is_data) = match &r.body {
+                Body::Mj(i) => (i, true),
+                Body::Pj(i) => (i, false),
                 Body::Free(f) => {
                     freed.insert(f.loc.get(), at);
                     continue;
                 }
                 _ => continue,
             };
+            let (write_id, stripe, new_loc, old_loc) = (
+                i.write_id.get(),
+                i.stripe.get(),
+                i.new_loc.get(),
+                i.old_loc.get(),
+            );
+            let (column, seq) = (i.column.get(), i.stripe_seq.get());
             allocated.insert(new_loc, at);
             let Some(current) = map.get_mut(stripe as usize) else {
                 out.violations.push(format!(
@@ -157,18 +233,17 @@ pub fn recover(
                     "node {node}: update {write_id} of stripe {stripe} starts from location {old_loc}, but the stripe is at {current}"
                 ));
             }
-            let forward = if is_data {
-                both(write_id)
-            } else {
-                parity_forward(write_id)
-            };
+            let forward = both(write_id, stripe, column, seq) && (is_data || parity_ok(write_id));
             if forward {
                 *current = new_loc;
                 out.forward += 1;
             } else {
                 out.backward += 1;
             }
-            if is_data && forward && !parity_forward(write_id) {
+            // Went to a proxy and its parity node did not apply it: the stripe's parity is
+            // stale. (Conservative when the parity node's records of it were checkpointed
+            // away: repairing a correct parity is harmless.)
+            if is_data && forward && proxy_held.contains(&write_id) && !parity_ok(write_id) {
                 out.repair.insert(stripe);
             }
         }
@@ -185,7 +260,7 @@ pub fn recover(
         let referenced: HashSet<Loc> = map.iter().copied().collect();
         out.free
             .push((0..locations).filter(|l| !referenced.contains(l)).collect());
-        out.next_jseq.push(records.last().map_or(0, |r| r.seq + 1));
+        out.next_jseq.push(st.next_jseq);
         out.maps.push(map);
     }
     out

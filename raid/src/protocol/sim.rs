@@ -50,7 +50,8 @@ impl Rng {
 #[derive(Debug, Clone)]
 enum VolatileOp {
     Block(Loc, Vec<u8>),
-    Journal(Vec<u8>),
+    /// Bytes written to journal half `.0` at offset `.1`.
+    Journal(usize, usize, Vec<u8>),
 }
 
 /// A simulated device with a volatile write cache.
@@ -58,7 +59,11 @@ enum VolatileOp {
 pub struct SimDisk {
     block_bytes: usize,
     durable: HashMap<Loc, Vec<u8>>,
-    journal: Vec<u8>,
+    /// The two halves of the journal as they are on the media.
+    journal: [Vec<u8>; 2],
+    /// Active half and where the next append goes in it.
+    active: usize,
+    journal_len: usize,
     volatile: Vec<(u64, VolatileOp)>,
     next_op: u64,
     /// (token, ops before this id are covered)
@@ -70,7 +75,9 @@ impl SimDisk {
         SimDisk {
             block_bytes,
             durable: HashMap::new(),
-            journal: Vec::new(),
+            journal: [Vec::new(), Vec::new()],
+            active: 0,
+            journal_len: 0,
             volatile: Vec::new(),
             next_op: 0,
             flushes: Vec::new(),
@@ -99,7 +106,7 @@ impl SimDisk {
             VolatileOp::Block(loc, data) => {
                 self.durable.insert(loc, data);
             }
-            VolatileOp::Journal(bytes) => self.journal.extend_from_slice(&bytes),
+            VolatileOp::Journal(half, at, bytes) => self.put_journal(half, at, &bytes),
         }
     }
 
@@ -115,21 +122,21 @@ impl SimDisk {
     pub fn power_cut(&mut self, rng: &mut Rng) {
         let ops = std::mem::take(&mut self.volatile);
         self.flushes.clear();
-        let journal_ops: Vec<&Vec<u8>> = ops
+        let journal_ops: Vec<(usize, usize, &Vec<u8>)> = ops
             .iter()
             .filter_map(|(_, op)| match op {
-                VolatileOp::Journal(b) => Some(b),
+                VolatileOp::Journal(h, at, b) => Some((*h, *at, b)),
                 VolatileOp::Block(..) => None,
             })
             .collect();
         let kept = rng.below(journal_ops.len() as u64 + 1) as usize;
-        for bytes in &journal_ops[..kept] {
-            self.journal.extend_from_slice(bytes);
+        for &(half, at, bytes) in &journal_ops[..kept] {
+            self.put_journal(half, at, bytes);
         }
-        if let Some(torn) = journal_ops.get(kept) {
+        if let Some(&(half, at, torn)) = journal_ops.get(kept) {
             if rng.chance(50) {
                 let n = rng.below(torn.len() as u64) as usize;
-                self.journal.extend_from_slice(&torn[..n]);
+                self.put_journal(half, at, &torn[..n]);
             }
         }
         let mut tore_block = false;
@@ -151,8 +158,17 @@ impl SimDisk {
         }
     }
 
-    pub fn journal_bytes(&self) -> &[u8] {
-        &self.journal
+    /// The journal's two halves as they are on the media.
+    pub fn journal_halves(&self) -> Vec<Vec<u8>> {
+        self.journal.to_vec()
+    }
+
+    fn put_journal(&mut self, half: usize, at: usize, bytes: &[u8]) {
+        let j = &mut self.journal[half];
+        if j.len() < at + bytes.len() {
+            j.resize(at + bytes.len(), 0);
+        }
+        j[at..at + bytes.len()].copy_from_slice(bytes);
     }
 
     fn durable_block(&self, loc: Loc) -> Vec<u8> {
@@ -180,9 +196,17 @@ impl Disk for SimDisk {
         self.next_op += 1;
     }
     fn append_journal(&mut self, bytes: &[u8]) {
-        self.volatile
-            .push((self.next_op, VolatileOp::Journal(bytes.to_vec())));
+        let at = self.journal_len;
+        self.journal_len += bytes.len();
+        self.volatile.push((
+            self.next_op,
+            VolatileOp::Journal(self.active, at, bytes.to_vec()),
+        ));
         self.next_op += 1;
+    }
+    fn switch_journal(&mut self) {
+        self.active ^= 1;
+        self.journal_len = 0;
     }
     fn flush(&mut self, token: u64) {
         self.flushes.push((token, self.next_op));
@@ -239,6 +263,7 @@ pub struct RunStats {
     /// Updates taken to a parity proxy, and stripes recovery marked for repair.
     pub rerouted: usize,
     pub repair: usize,
+    pub checkpoints: u64,
 }
 
 /// Parameters of one run.
@@ -508,6 +533,10 @@ pub fn run_with_cut(cfg: RunConfig) -> Result<RunStats, String> {
             let mut node = Node::new(id, layout, SimDisk::new(layout.block_bytes), map, free, 0);
             // Both ways of getting the delta to the parity node, mixed within a cluster.
             node.set_push_delta(rng.chance(50));
+            // Often checkpoints every few records, so the journal halves turn over.
+            if rng.chance(60) {
+                node.set_checkpoint_every(Some(150 + rng.below(1500)));
+            }
             node
         })
         .collect();
@@ -550,7 +579,8 @@ pub fn run_with_cut(cfg: RunConfig) -> Result<RunStats, String> {
         }
         if let Some(n) = cl.nodes.iter().position(|n| !n.idle()) {
             return Err(format!(
-                "node {n} still has updates in progress although nothing is in flight"
+                "node {n} still has updates in progress although nothing is in flight: {:?}",
+                cl.nodes[n]
             ));
         }
         if !cl.flushes.is_empty() {
@@ -568,11 +598,7 @@ pub fn run_with_cut(cfg: RunConfig) -> Result<RunStats, String> {
             node.disk.flush_all();
         }
     }
-    let journals: Vec<Vec<u8>> = cl
-        .nodes
-        .iter()
-        .map(|n| n.disk.journal_bytes().to_vec())
-        .collect();
+    let journals: Vec<Vec<Vec<u8>>> = cl.nodes.iter().map(|n| n.disk.journal_halves()).collect();
     let rec = recovery::recover(&cl.layout, &journals, cl.locations, |n, loc| {
         crc32c::crc32c(&cl.nodes[n].disk.durable_block(loc))
     });
@@ -593,6 +619,7 @@ pub fn run_with_cut(cfg: RunConfig) -> Result<RunStats, String> {
         backward: rec.backward,
         rerouted: cl.rerouted,
         repair: rec.repair.len(),
+        checkpoints: cl.nodes.iter().map(|n| n.checkpoints()).sum(),
     })
 }
 

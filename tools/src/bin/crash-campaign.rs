@@ -32,7 +32,7 @@ fn main() -> ExitCode {
     let started = Instant::now();
     let (mut passed, mut failed) = (0u64, 0u64);
     let (mut forward, mut backward, mut durable) = (0usize, 0usize, 0usize);
-    let (mut rerouted, mut repair) = (0usize, 0usize);
+    let (mut rerouted, mut repair, mut checkpoints) = (0usize, 0usize, 0u64);
     for i in 0..args.cuts {
         let seed = args.seed.wrapping_add(i);
         let level = args.toughness.unwrap_or((i % 3) as u8);
@@ -47,6 +47,7 @@ fn main() -> ExitCode {
                 backward += stats.backward;
                 rerouted += stats.rerouted;
                 repair += stats.repair;
+                checkpoints += stats.checkpoints;
                 durable += stats.durable;
             }
             Err(why) => {
@@ -56,7 +57,7 @@ fn main() -> ExitCode {
         }
     }
     println!(
-        "{} cuts in {:.1} s: {durable} writes reached toughness 2 before their cut; recovery rolled {forward} updates forward and {backward} back; {rerouted} updates went to a parity proxy, {repair} stripes came back marked for repair",
+        "{} cuts in {:.1} s: {durable} writes reached toughness 2 before their cut; recovery rolled {forward} updates forward and {backward} back; {rerouted} updates went to a parity proxy, {repair} stripes came back marked for repair; {checkpoints} checkpoints",
         args.cuts,
         started.elapsed().as_secs_f64()
     );

@@ -53,6 +53,22 @@ fn describe(body: &Body) -> String {
             "proxy-copy",
             format!("{} ({} bytes)", intent(i), data.len()),
         ),
+        Body::Checkpoint(b) => (
+            "checkpoint",
+            match raid::journal::record::Checkpoint::decode(b) {
+                Some(c) => format!(
+                    "{} stripes, {} completed columns, {} marked for repair",
+                    c.map.len(),
+                    c.done.len(),
+                    c.repair.len()
+                ),
+                None => "malformed".into(),
+            },
+        ),
+        Body::CheckpointEnd(e) => (
+            "checkpoint-end",
+            format!("of the checkpoint at {}", e.checkpoint_seq.get()),
+        ),
     };
     format!("{kind:<15} {detail}")
 }
