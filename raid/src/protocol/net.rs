@@ -198,6 +198,14 @@ pub async fn start(
     listener: TcpListener,
 ) -> Result<(NodeHandle, tokio::task::JoinHandle<Result<(), NetError>>), NetError> {
     let block = cfg.layout.block_bytes;
+    let max = Node::<FileDisk>::max_checkpoint_stripes(cfg.layout.data_columns);
+    if cfg.layout.stripes > max {
+        return Err(NetError::Stopped(format!(
+            "{} stripes: a node's checkpoint describes at most {max} stripes with {} data \
+             columns; use fewer, larger stripes",
+            cfg.layout.stripes, cfg.layout.data_columns
+        )));
+    }
     let disk = FileDisk::create(&cfg.device, block, cfg.journal_bytes, cfg.locations)?;
     let sync_file = disk.sync_handle()?;
     let zero_crc = crc32c::crc32c(&vec![0u8; block]);

@@ -248,6 +248,13 @@ impl<D: Disk> Node<D> {
         self.checkpoint_every = bytes;
     }
 
+    /// The most stripes a checkpoint of a node in a layout with `data_columns` data
+    /// columns can describe (a checkpoint is one journal record: 12 bytes per stripe, and
+    /// 20 per column with a completed update).
+    pub fn max_checkpoint_stripes(data_columns: usize) -> u64 {
+        ((record::BODY_MAX_BYTES - 24) / (12 + 20 * data_columns.max(1))) as u64
+    }
+
     /// Checkpoints written so far.
     pub fn checkpoints(&self) -> u64 {
         self.checkpoints
@@ -274,10 +281,17 @@ impl<D: Disk> Node<D> {
             map,
             done,
             repair: self.repair.iter().copied().collect(),
-        };
+        }
+        .encode();
+        if checkpoint.len() > record::BODY_MAX_BYTES {
+            // Replay would refuse it: never start a half that cannot be replayed. The
+            // journal then fills and the device reports it (see `max_checkpoint_stripes`).
+            self.checkpoint_every = None;
+            return;
+        }
         self.disk.switch_journal();
         let checkpoint_seq = self.next_jseq;
-        self.journal(Body::Checkpoint(checkpoint.encode()));
+        self.journal(Body::Checkpoint(checkpoint));
         let mut again = Vec::new();
         for (&stripe, u) in &self.data {
             let column = self.layout.column_of(stripe, self.id).unwrap_or(0);
