@@ -430,6 +430,59 @@ impl<D: Disk> Node<D> {
         self.push_delta = push;
     }
 
+    /// Restarts node `id` after a crash from what [`recovery::recover`] decided: its
+    /// columns' locations (checksummed from `disk`), free locations, journal and stripe
+    /// sequences, stripes marked for repair and the proxy copies it holds. `disk` must be
+    /// positioned on the journal half recovery replayed; the node at once checkpoints into
+    /// the other half, so its journal restarts from a clean, sealed state.
+    ///
+    /// [`recovery::recover`]: super::recovery::recover
+    pub fn restore(
+        id: NodeId,
+        layout: Layout,
+        disk: D,
+        rec: &super::recovery::Recovered,
+        checkpoint_every: Option<u64>,
+    ) -> Node<D> {
+        let map = rec.maps[id]
+            .iter()
+            .map(|&loc| (loc, crc32c::crc32c(&disk.read(loc))))
+            .collect();
+        let mut node = Node::new(
+            id,
+            layout,
+            disk,
+            map,
+            rec.free[id].clone(),
+            rec.next_jseq[id],
+        );
+        for (&(stripe, column), &seq) in &rec.seqs[id] {
+            if layout.parity_node(stripe) == id {
+                node.applied.insert((stripe, column as usize), seq);
+            } else {
+                node.data_seq.insert(stripe, seq);
+            }
+            node.done.insert((stripe, column), seq);
+        }
+        node.repair = rec
+            .repair
+            .iter()
+            .copied()
+            .filter(|&s| layout.column_of(s, id).is_some())
+            .collect();
+        for (intent, data) in &rec.proxies[id] {
+            let w = intent.write_id.get();
+            let stripe = intent.stripe.get();
+            let from = layout.data_node(stripe, intent.column.get() as usize);
+            node.proxied.insert(w, (from, stripe, true));
+            node.proxy_copies.insert(w, (*intent, data.clone()));
+        }
+        node.checkpoint_every = Some(0);
+        node.maybe_checkpoint();
+        node.checkpoint_every = checkpoint_every;
+        node
+    }
+
     /// Location of this node's column of `stripe`.
     pub fn location(&self, stripe: u64) -> Loc {
         self.map[stripe as usize].0

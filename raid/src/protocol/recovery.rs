@@ -34,6 +34,14 @@ pub struct Recovered {
     pub free: Vec<BTreeSet<Loc>>,
     /// Per node, the sequence number its journal continues at.
     pub next_jseq: Vec<u64>,
+    /// Per node, the journal half it replayed (a restarted node checkpoints into the other).
+    pub half: Vec<usize>,
+    /// Per node, the last stripe sequence that went forward per (stripe, column) it holds
+    /// (a restarted node continues its sequences from there).
+    pub seqs: Vec<HashMap<(u64, u32), u64>>,
+    /// Per node, the proxy copies it holds (intent, block): kept until their stripes are
+    /// repaired.
+    pub proxies: Vec<Vec<(record::Intent, Vec<u8>)>>,
     pub forward: usize,
     pub backward: usize,
     /// Stripes whose parity missed a forward update (it went to a proxy): recompute their
@@ -50,6 +58,7 @@ struct Start {
     records: Vec<Record>,
     checkpoint: Option<record::Checkpoint>,
     next_jseq: u64,
+    half: usize,
 }
 
 /// Picks the journal half to replay: the one that starts with the newest complete
@@ -89,6 +98,7 @@ fn start_of(layout: &Layout, halves: &[Vec<u8>]) -> Start {
                     records,
                     checkpoint,
                     next_jseq,
+                    half: h,
                 },
             ));
         }
@@ -98,6 +108,7 @@ fn start_of(layout: &Layout, halves: &[Vec<u8>]) -> Start {
         records: Vec::new(),
         checkpoint: None,
         next_jseq: 0,
+        half: 0,
     })
 }
 
@@ -197,10 +208,18 @@ pub fn recover(
         forward: 0,
         backward: 0,
         repair: repair_marked,
+        half: Vec::new(),
+        seqs: Vec::new(),
+        proxies: Vec::new(),
         violations: Vec::new(),
     };
     for (node, st) in starts.iter().enumerate() {
         let mut map = st.map.clone();
+        let mut seqs: HashMap<(u64, u32), u64> = st
+            .checkpoint
+            .iter()
+            .flat_map(|c| c.done.iter().map(|&(s, c, q)| ((s, c), q)))
+            .collect();
         // Journal position of each location's last allocation and last free.
         let mut allocated: HashMap<Loc, usize> = HashMap::new();
         let mut freed: HashMap<Loc, usize> = HashMap::new();
@@ -236,6 +255,8 @@ pub fn recover(
             let forward = both(write_id, stripe, column, seq) && (is_data || parity_ok(write_id));
             if forward {
                 *current = new_loc;
+                let q = seqs.entry((stripe, column)).or_insert(0);
+                *q = (*q).max(seq);
                 out.forward += 1;
             } else {
                 out.backward += 1;
@@ -261,6 +282,17 @@ pub fn recover(
         out.free
             .push((0..locations).filter(|l| !referenced.contains(l)).collect());
         out.next_jseq.push(st.next_jseq);
+        out.half.push(st.half);
+        out.proxies.push(
+            st.records
+                .iter()
+                .filter_map(|r| match &r.body {
+                    Body::Proxy(i, data) => Some((*i, data.clone())),
+                    _ => None,
+                })
+                .collect(),
+        );
+        out.seqs.push(seqs);
         out.maps.push(map);
     }
     out
