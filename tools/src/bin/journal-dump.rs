@@ -1,5 +1,7 @@
 //! journal-dump: prints a device journal's records for an operator, and says whether (and
-//! why) a torn or stale tail would be discarded on replay.
+//! why) a torn or stale tail would be discarded on replay. With `--journal-bytes N` the file
+//! is a protocol device (`raid::protocol::file_disk`): both halves of its N-byte journal
+//! region are printed, each with the checkpoint it starts from.
 
 use std::process::ExitCode;
 
@@ -12,8 +14,11 @@ use raid::journal::record::{self, Body, Intent, Mark};
     about = "Print the records of a blockd device journal"
 )]
 struct Args {
-    /// The journal file.
+    /// The journal file, or a protocol device file with `--journal-bytes`.
     path: std::path::PathBuf,
+    /// The file is a protocol device whose journal region is this many bytes (two halves).
+    #[arg(long)]
+    journal_bytes: Option<u64>,
 }
 
 fn intent(i: &Intent) -> String {
@@ -75,14 +80,30 @@ fn describe(body: &Body) -> String {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let bytes = match std::fs::read(&args.path) {
-        Ok(b) => b,
+    let regions = match args.journal_bytes {
+        None => std::fs::read(&args.path).map(|b| vec![b]),
+        Some(n) => std::fs::File::open(&args.path)
+            .and_then(|f| raid::protocol::file_disk::read_journal(&f, n)),
+    };
+    let regions = match regions {
+        Ok(r) => r,
         Err(e) => {
             eprintln!("journal-dump: cannot read {}: {e}", args.path.display());
             return ExitCode::FAILURE;
         }
     };
-    let replay = record::replay(&bytes, None);
+    let many = regions.len() > 1;
+    for (half, bytes) in regions.iter().enumerate() {
+        if many {
+            println!("== journal half {half}");
+        }
+        dump(bytes);
+    }
+    ExitCode::SUCCESS
+}
+
+fn dump(bytes: &[u8]) {
+    let replay = record::replay(bytes, None);
     for r in &replay.records {
         println!("{:>10}  {}", r.seq, describe(&r.body));
     }
@@ -98,5 +119,4 @@ fn main() -> ExitCode {
             replay.valid_len
         );
     }
-    ExitCode::SUCCESS
 }
