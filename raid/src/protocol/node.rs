@@ -74,6 +74,54 @@ enum Role {
     Parity = 1,
 }
 
+impl DataUpdate {
+    /// Its `mj` and hardened mark, journalled when it starts and again by a checkpoint.
+    fn records(&self, stripe: u64, column: usize) -> [Body; 2] {
+        [
+            Body::Mj(Intent {
+                write_id: U64::new(self.write_id),
+                stripe: U64::new(stripe),
+                stripe_seq: U64::new(self.seq),
+                new_loc: U64::new(self.new_loc),
+                old_loc: U64::new(self.old_loc),
+                column: U32::new(column as u32),
+                new_crc: U32::new(self.new_crc),
+            }),
+            Body::DataHardened(mark(self.write_id, stripe, self.seq, self.new_crc)),
+        ]
+    }
+}
+
+impl ParityUpdate {
+    /// Its `pj`.
+    fn intent(&self, stripe: u64) -> Body {
+        Body::Pj(Intent {
+            write_id: U64::new(self.req.write_id),
+            stripe: U64::new(stripe),
+            stripe_seq: U64::new(self.req.seq),
+            new_loc: U64::new(self.new_loc),
+            old_loc: U64::new(self.old_loc),
+            column: U32::new(self.req.column as u32),
+            new_crc: U32::new(0),
+        })
+    }
+
+    /// Its hardened mark (once merged).
+    fn mark(&self, stripe: u64) -> Body {
+        Body::ParityHardened(mark(self.req.write_id, stripe, self.req.seq, self.new_crc))
+    }
+}
+
+fn mark(write_id: WriteId, stripe: u64, seq: u64, crc: u32) -> Mark {
+    Mark {
+        write_id: U64::new(write_id),
+        stripe: U64::new(stripe),
+        stripe_seq: U64::new(seq),
+        crc: U32::new(crc),
+        reserved: U32::new(0),
+    }
+}
+
 // Flush tokens: (write id << 3) | step. Each side hardens with one flush: the new block,
 // its intent and its hardened mark (which carries the block's crc32c) go down together.
 const STEP_DATA: u64 = 1;
@@ -295,36 +343,12 @@ impl<D: Disk> Node<D> {
         let mut again = Vec::new();
         for (&stripe, u) in &self.data {
             let column = self.layout.column_of(stripe, self.id).unwrap_or(0);
-            again.push(Body::Mj(Intent {
-                write_id: U64::new(u.write_id),
-                stripe: U64::new(stripe),
-                stripe_seq: U64::new(u.seq),
-                new_loc: U64::new(u.new_loc),
-                old_loc: U64::new(u.old_loc),
-                column: U32::new(column as u32),
-                new_crc: U32::new(u.new_crc),
-            }));
-            again.push(Body::DataHardened(Self::mark(
-                u.write_id, stripe, u.seq, u.new_crc,
-            )));
+            again.extend(u.records(stripe, column));
         }
         for (&stripe, u) in &self.parity {
-            again.push(Body::Pj(Intent {
-                write_id: U64::new(u.req.write_id),
-                stripe: U64::new(stripe),
-                stripe_seq: U64::new(u.req.seq),
-                new_loc: U64::new(u.new_loc),
-                old_loc: U64::new(u.old_loc),
-                column: U32::new(u.req.column as u32),
-                new_crc: U32::new(0),
-            }));
+            again.push(u.intent(stripe));
             if u.merged {
-                again.push(Body::ParityHardened(Self::mark(
-                    u.req.write_id,
-                    stripe,
-                    u.req.seq,
-                    u.new_crc,
-                )));
+                again.push(u.mark(stripe));
             }
         }
         for (intent, data) in self.proxy_copies.values() {
@@ -533,16 +557,6 @@ impl<D: Disk> Node<D> {
         Some(loc)
     }
 
-    fn mark(write_id: WriteId, stripe: u64, seq: u64, crc: u32) -> Mark {
-        Mark {
-            write_id: U64::new(write_id),
-            stripe: U64::new(stripe),
-            stripe_seq: U64::new(seq),
-            crc: U32::new(crc),
-            reserved: U32::new(0),
-        }
-    }
-
     // ---- data role ----
 
     /// A client write of this node's column of `stripe`.
@@ -593,30 +607,33 @@ impl<D: Disk> Node<D> {
         let seq = self.data_seq.entry(stripe).or_insert(0);
         *seq += 1;
         let seq = *seq;
-        let new_crc = crc32c::crc32c(&w.data);
         self.disk.write(new_loc, &w.data);
-        self.journal(Body::Mj(Intent {
-            write_id: U64::new(w.write_id),
-            stripe: U64::new(stripe),
-            stripe_seq: U64::new(seq),
-            new_loc: U64::new(new_loc),
-            old_loc: U64::new(old_loc),
-            column: U32::new(column as u32),
-            new_crc: U32::new(new_crc),
-        }));
-        self.journal(Body::DataHardened(Self::mark(
-            w.write_id, stripe, seq, new_crc,
-        )));
-        self.disk.flush(w.write_id << 3 | STEP_DATA);
-        out.reached.push((w.write_id, Toughness::Submitted));
-        let p = self.layout.parity_node(stripe);
         let delta = self.push_delta.then(|| {
             let mut delta = vec![0; w.data.len()];
             parity::delta(&old, &w.data, &mut delta);
             delta
         });
+        let u = DataUpdate {
+            write_id: w.write_id,
+            seq,
+            old_loc,
+            new_loc,
+            old,
+            new_crc: crc32c::crc32c(&w.data),
+            new: w.data,
+            own_hardened: false,
+            peer_hardened: false,
+            parity_held: false,
+            proxy: None,
+        };
+        for record in u.records(stripe, column) {
+            self.journal(record);
+        }
+        self.data.insert(stripe, u);
+        self.disk.flush(w.write_id << 3 | STEP_DATA);
+        out.reached.push((w.write_id, Toughness::Submitted));
         out.sends.push((
-            p,
+            self.layout.parity_node(stripe),
             Msg::Update {
                 write_id: w.write_id,
                 stripe,
@@ -626,22 +643,6 @@ impl<D: Disk> Node<D> {
                 delta,
             },
         ));
-        self.data.insert(
-            stripe,
-            DataUpdate {
-                write_id: w.write_id,
-                seq,
-                old_loc,
-                new_loc,
-                old,
-                new: w.data,
-                new_crc,
-                own_hardened: false,
-                peer_hardened: false,
-                parity_held: false,
-                proxy: None,
-            },
-        );
     }
 
     fn next_write(&mut self, stripe: u64, out: &mut Outbox) {
@@ -678,7 +679,7 @@ impl<D: Disk> Node<D> {
         self.journal(Body::Free(Free {
             loc: U64::new(u.old_loc),
         }));
-        self.journal(Body::MjComplete(Self::mark(u.write_id, stripe, u.seq, 0)));
+        self.journal(Body::MjComplete(mark(u.write_id, stripe, u.seq, 0)));
         let token = u.write_id << 3 | STEP_COMPLETE;
         self.freeing.insert(token, (Role::Data, u.old_loc));
         self.disk.flush(token);
@@ -719,29 +720,18 @@ impl<D: Disk> Node<D> {
             self.blocked.push_back((Role::Parity, stripe));
             return;
         };
-        self.journal(Body::Pj(Intent {
-            write_id: U64::new(req.write_id),
-            stripe: U64::new(stripe),
-            stripe_seq: U64::new(req.seq),
-            new_loc: U64::new(new_loc),
-            old_loc: U64::new(old_loc),
-            column: U32::new(req.column as u32),
-            new_crc: U32::new(0),
-        }));
-        let peer_hardened = self.early_hardened.remove(&req.write_id);
-        self.parity.insert(
-            stripe,
-            ParityUpdate {
-                req,
-                old_loc,
-                old_crc: self.map[stripe as usize].1,
-                new_loc,
-                new_crc: 0,
-                merged: false,
-                own_hardened: false,
-                peer_hardened,
-            },
-        );
+        let u = ParityUpdate {
+            req,
+            old_loc,
+            old_crc: self.map[stripe as usize].1,
+            new_loc,
+            new_crc: 0,
+            merged: false,
+            own_hardened: false,
+            peer_hardened: self.early_hardened.remove(&req.write_id),
+        };
+        self.journal(u.intent(stripe));
+        self.parity.insert(stripe, u);
         match self.pushed.remove(&req.write_id) {
             Some(delta) => self.merge_delta(stripe, req.write_id, delta, out),
             None => out.sends.push((
@@ -771,14 +761,13 @@ impl<D: Disk> Node<D> {
             return;
         }
         parity::merge(&mut block, &delta);
-        let crc = crc32c::crc32c(&block);
-        if let Some(u) = self.parity.get_mut(&stripe) {
-            u.new_crc = crc;
-        }
+        let Some(u) = self.parity.get_mut(&stripe) else {
+            return;
+        };
+        u.new_crc = crc32c::crc32c(&block);
+        let hardened = u.mark(stripe);
         self.disk.write(new_loc, &block);
-        self.journal(Body::ParityHardened(Self::mark(
-            write_id, stripe, req.seq, crc,
-        )));
+        self.journal(hardened);
         out.sends
             .push((req.from, Msg::DeltaHeld { write_id, stripe }));
         self.disk.flush(write_id << 3 | STEP_PARITY);
@@ -799,12 +788,7 @@ impl<D: Disk> Node<D> {
         self.journal(Body::Free(Free {
             loc: U64::new(u.old_loc),
         }));
-        self.journal(Body::PjComplete(Self::mark(
-            u.req.write_id,
-            stripe,
-            u.req.seq,
-            0,
-        )));
+        self.journal(Body::PjComplete(mark(u.req.write_id, stripe, u.req.seq, 0)));
         let token = u.req.write_id << 3 | STEP_COMPLETE;
         self.freeing.insert(token, (Role::Parity, u.old_loc));
         self.disk.flush(token);
