@@ -5,13 +5,17 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 
 use std::fs::File;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use raid::journal::record::{replay, Body};
 use raid::protocol::file_disk::{read_block, read_journal};
-use raid::protocol::net::{self, NetConfig, NetError};
-use raid::protocol::{recovery, Layout, Toughness};
+use raid::protocol::net::{self, NetConfig, NetError, NodeHandle};
+use raid::protocol::recovery::{self, Recovered};
+use raid::protocol::{Layout, NodeId, Toughness};
 
 const BLOCK: usize = 4096;
 const JOURNAL: u64 = 4 << 20;
@@ -33,20 +37,22 @@ fn block_for(stripe: u64, column: usize, round: u64) -> Vec<u8> {
     b
 }
 
-#[test]
-fn writes_over_tcp_recover_from_the_device_files() {
-    let dir = std::env::temp_dir().join(format!("raid-tcp-{}", std::process::id()));
+/// A cluster's device files, listening sockets and node configurations, before any runs.
+struct Cluster {
+    dir: PathBuf,
+    layout: Layout,
+    nodes: Vec<(NetConfig, std::net::TcpListener)>,
+}
+
+fn cluster(name: &str, layout: Layout, parity_timeout: Duration) -> Cluster {
+    let dir = std::env::temp_dir().join(format!("raid-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let layout = layout();
     let listeners: Vec<std::net::TcpListener> = (0..layout.nodes())
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
         .collect();
     let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-    let device = |id: usize| -> PathBuf { dir.join(format!("node{id}.dev")) };
-    let rounds = 3u64;
-
-    let threads: Vec<_> = listeners
+    let nodes = listeners
         .into_iter()
         .enumerate()
         .map(|(id, listener)| {
@@ -54,261 +60,262 @@ fn writes_over_tcp_recover_from_the_device_files() {
                 id,
                 layout,
                 cluster: 7,
-                device: device(id),
+                device: dir.join(format!("node{id}.dev")),
                 journal_bytes: JOURNAL,
                 locations: LOCATIONS,
                 peers: (0..layout.nodes())
                     .filter(|&p| p != id)
                     .map(|p| (p, addrs[p]))
                     .collect(),
-                parity_timeout: net::PARITY_TIMEOUT,
+                parity_timeout,
                 // Small, so that the journal halves turn over during the test.
                 checkpoint_bytes: Some(8 << 10),
             };
-            let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-            let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
-            let thread = std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                rt.block_on(async move {
-                    listener.set_nonblocking(true).unwrap();
-                    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                    let (node, _task) = net::start(cfg, listener).await.unwrap();
-                    // Every write of this node's columns, at every toughness, QD8.
-                    let mut tasks = tokio::task::JoinSet::new();
-                    for round in 0..rounds {
-                        for stripe in 0..layout.stripes {
-                            let Some(column) = layout.column_of(stripe, id) else {
-                                continue;
-                            };
-                            let node = node.clone();
-                            let level = ((stripe + round) % 3) as u8;
-                            let toughness = Toughness::from_level(level).unwrap();
-                            tasks.spawn(async move {
-                                node.write(stripe, block_for(stripe, column, round), toughness)
-                                    .await
-                            });
-                        }
-                        while let Some(r) = tasks.join_next().await {
-                            r.unwrap().unwrap();
-                        }
-                    }
-                    node.flush().await.unwrap();
-                    // A write to a stripe whose data this node does not hold is refused.
-                    let foreign = (0..layout.stripes)
-                        .find(|&s| layout.column_of(s, id).is_none())
-                        .unwrap();
-                    assert!(matches!(
-                        node.write(foreign, vec![0; BLOCK], Toughness::Durable)
-                            .await,
-                        Err(NetError::NotDataNode { .. })
-                    ));
-                    ready_tx.send(Ok(())).unwrap();
-                    // Stay up (answering peers) until every node is done.
-                    tokio::task::spawn_blocking(move || done_rx.recv())
-                        .await
-                        .unwrap()
-                        .ok();
-                });
-            });
-            (thread, ready_rx, done_tx)
+            (cfg, listener)
         })
         .collect();
-    for (_, ready, _) in &threads {
-        ready.recv().unwrap().unwrap();
+    Cluster { dir, layout, nodes }
+}
+
+/// Runs a node on its own thread and current-thread runtime; `body` drives it once every
+/// peer is connected, and the node stops when `body` returns.
+fn spawn_node<F, Fut>(cfg: NetConfig, listener: std::net::TcpListener, body: F) -> JoinHandle<()>
+where
+    F: FnOnce(NodeHandle) -> Fut + Send + 'static,
+    Fut: Future<Output = ()>,
+{
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            listener.set_nonblocking(true).unwrap();
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let (node, _task) = net::start(cfg, listener).await.unwrap();
+            body(node).await;
+        });
+    })
+}
+
+/// Blocks (without holding up the runtime) until `rx` receives or its sender is gone.
+async fn wait_for(rx: std::sync::mpsc::Receiver<()>) {
+    tokio::task::spawn_blocking(move || rx.recv())
+        .await
+        .unwrap()
+        .ok();
+}
+
+/// What recovery makes of a cluster's device files alone.
+struct OnDisk {
+    files: Vec<File>,
+    journals: Vec<Vec<Vec<u8>>>,
+    rec: Recovered,
+}
+
+impl OnDisk {
+    fn recover(c: &Cluster) -> OnDisk {
+        let files: Vec<File> = c
+            .nodes
+            .iter()
+            .map(|(cfg, _)| File::open(&cfg.device).unwrap())
+            .collect();
+        let journals: Vec<Vec<Vec<u8>>> = files
+            .iter()
+            .map(|f| read_journal(f, JOURNAL).unwrap())
+            .collect();
+        let rec = recovery::recover(&c.layout, &journals, LOCATIONS, |n, loc| {
+            crc32c::crc32c(&read_block(&files[n], JOURNAL, BLOCK, loc).unwrap())
+        });
+        assert!(rec.violations.is_empty(), "{:?}", rec.violations);
+        OnDisk {
+            files,
+            journals,
+            rec,
+        }
+    }
+
+    /// Node `n`'s recovered block of `stripe`.
+    fn block(&self, n: NodeId, stripe: u64) -> Vec<u8> {
+        let loc = self.rec.maps[n][stripe as usize];
+        read_block(&self.files[n], JOURNAL, BLOCK, loc).unwrap()
+    }
+
+    /// Whether the stripe's parity is the XOR of its data columns.
+    fn parity_holds(&self, layout: &Layout, stripe: u64) -> bool {
+        let mut xor = vec![0u8; BLOCK];
+        for column in 0..layout.data_columns {
+            raid::parity::xor_into(
+                &mut xor,
+                &self.block(layout.data_node(stripe, column), stripe),
+            );
+        }
+        xor == self.block(layout.parity_node(stripe), stripe)
+    }
+}
+
+#[test]
+fn writes_over_tcp_recover_from_the_device_files() {
+    let c = cluster("tcp", layout(), net::PARITY_TIMEOUT);
+    let layout = c.layout;
+    let rounds = 3u64;
+    let mut threads = Vec::new();
+    let mut ready = Vec::new();
+    let mut done = Vec::new();
+    for (cfg, listener) in c
+        .nodes
+        .iter()
+        .map(|(cfg, l)| (cfg.clone(), l.try_clone().unwrap()))
+    {
+        let id = cfg.id;
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+        threads.push(spawn_node(cfg, listener, move |node| async move {
+            // Every write of this node's columns, at every toughness, all at once per round.
+            let mut tasks = tokio::task::JoinSet::new();
+            for round in 0..rounds {
+                for stripe in 0..layout.stripes {
+                    let Some(column) = layout.column_of(stripe, id) else {
+                        continue;
+                    };
+                    let node = node.clone();
+                    let level = ((stripe + round) % 3) as u8;
+                    let toughness = Toughness::from_level(level).unwrap();
+                    tasks.spawn(async move {
+                        node.write(stripe, block_for(stripe, column, round), toughness)
+                            .await
+                    });
+                }
+                while let Some(r) = tasks.join_next().await {
+                    r.unwrap().unwrap();
+                }
+            }
+            node.flush().await.unwrap();
+            // A write to a stripe whose data this node does not hold is refused.
+            let foreign = (0..layout.stripes)
+                .find(|&s| layout.column_of(s, id).is_none())
+                .unwrap();
+            assert!(matches!(
+                node.write(foreign, vec![0; BLOCK], Toughness::Durable)
+                    .await,
+                Err(NetError::NotDataNode { .. })
+            ));
+            ready_tx.send(()).unwrap();
+            // Stay up (answering peers) until every node is done.
+            wait_for(done_rx).await;
+        }));
+        ready.push(ready_rx);
+        done.push(done_tx);
+    }
+    for r in &ready {
+        r.recv().unwrap();
     }
 
     // Everything answered and flushed: recover from the files alone.
-    let files: Vec<File> = (0..layout.nodes())
-        .map(|id| File::open(device(id)).unwrap())
-        .collect();
-    let journals: Vec<Vec<Vec<u8>>> = files
-        .iter()
-        .map(|f| read_journal(f, JOURNAL).unwrap())
-        .collect();
+    let disk = OnDisk::recover(&c);
     // Checkpoints turned the journal halves over: recovery starts from one.
-    let checkpointed = journals.iter().flatten().any(|half| {
+    let checkpointed = disk.journals.iter().flatten().any(|half| {
         matches!(
             replay(half, None).records.first().map(|r| &r.body),
             Some(Body::Checkpoint(_))
         )
     });
     assert!(checkpointed, "no node wrote a checkpoint");
-    let read = |n: usize, loc: u64| read_block(&files[n], JOURNAL, BLOCK, loc).unwrap();
-    let rec = recovery::recover(&layout, &journals, LOCATIONS, |n, loc| {
-        crc32c::crc32c(&read(n, loc))
-    });
-    assert!(rec.violations.is_empty(), "{:?}", rec.violations);
     for stripe in 0..layout.stripes {
-        let mut xor = vec![0u8; BLOCK];
         for column in 0..layout.data_columns {
-            let node = layout.data_node(stripe, column);
-            let got = read(node, rec.maps[node][stripe as usize]);
             assert!(
-                got == block_for(stripe, column, rounds - 1),
+                disk.block(layout.data_node(stripe, column), stripe)
+                    == block_for(stripe, column, rounds - 1),
                 "stripe {stripe} column {column} lost its last write"
             );
-            raid::parity::xor_into(&mut xor, &got);
         }
-        let p = layout.parity_node(stripe);
         assert!(
-            xor == read(p, rec.maps[p][stripe as usize]),
+            disk.parity_holds(&layout, stripe),
             "stripe {stripe}: parity is not the XOR of its data"
         );
     }
-    for (thread, _, done) in threads {
+    for (thread, done) in threads.into_iter().zip(done) {
         done.send(()).unwrap();
         thread.join().unwrap();
     }
-    std::fs::remove_dir_all(&dir).ok();
+    std::fs::remove_dir_all(&c.dir).ok();
 }
 
 #[test]
 fn a_dead_parity_node_is_replaced_by_a_proxy_and_its_stripes_marked_for_repair() {
-    let dir = std::env::temp_dir().join(format!("raid-proxy-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
     let layout = Layout {
         data_columns: 2,
         stripes: 48,
         block_bytes: BLOCK,
     };
-    let listeners: Vec<std::net::TcpListener> = (0..layout.nodes())
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-    let device = |id: usize| -> PathBuf { dir.join(format!("node{id}.dev")) };
+    let c = cluster("proxy", layout, Duration::from_millis(300));
     let (dead_tx, dead_rx) = std::sync::mpsc::channel::<()>();
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     let (wrote_tx, wrote_rx) = std::sync::mpsc::channel::<()>();
-    let mut dead_tx = Some(dead_tx);
-    let mut dead_rx = Some(dead_rx);
-    let mut done_rx = Some(done_rx);
-    let mut wrote_tx = Some(wrote_tx);
-    let threads: Vec<_> = listeners
-        .into_iter()
-        .enumerate()
-        .map(|(id, listener)| {
-            let cfg = NetConfig {
-                id,
-                layout,
-                cluster: 9,
-                device: device(id),
-                journal_bytes: JOURNAL,
-                locations: LOCATIONS,
-                peers: (0..layout.nodes())
-                    .filter(|&p| p != id)
-                    .map(|p| (p, addrs[p]))
-                    .collect(),
-                parity_timeout: std::time::Duration::from_millis(300),
-                checkpoint_bytes: Some(8 << 10),
-            };
-            let dead_tx = if id == 2 { dead_tx.take() } else { None };
-            let done_rx = if id == 1 { done_rx.take() } else { None };
-            let (dead_rx, wrote_tx) = if id == 0 {
-                (dead_rx.take(), wrote_tx.take())
-            } else {
-                (None, None)
-            };
-            std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                rt.block_on(async move {
-                    listener.set_nonblocking(true).unwrap();
-                    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                    let (node, _task) = net::start(cfg, listener).await.unwrap();
-                    match id {
-                        // Node 2 dies as soon as everyone is connected.
-                        2 => {
-                            dead_tx.unwrap().send(()).unwrap();
-                        }
-                        // Node 1 stays up (it is the proxy) until the test is done.
-                        1 => {
-                            let done = done_rx.unwrap();
-                            tokio::task::spawn_blocking(move || done.recv())
-                                .await
-                                .unwrap()
-                                .ok();
-                        }
-                        // Node 0 writes every column it holds at toughness 2.
-                        _ => {
-                            dead_rx.unwrap().recv().unwrap();
-                            let mut tasks = tokio::task::JoinSet::new();
-                            for stripe in 0..layout.stripes {
-                                let Some(column) = layout.column_of(stripe, 0) else {
-                                    continue;
-                                };
-                                let node = node.clone();
-                                tasks.spawn(async move {
-                                    node.write(
-                                        stripe,
-                                        block_for(stripe, column, 1),
-                                        Toughness::Durable,
-                                    )
-                                    .await
-                                });
-                            }
-                            while let Some(r) = tasks.join_next().await {
-                                r.unwrap().unwrap();
-                            }
-                            node.flush().await.unwrap();
-                            wrote_tx.unwrap().send(()).unwrap();
-                        }
-                    }
-                });
+    let node = |id: usize| {
+        let (cfg, l) = &c.nodes[id];
+        (cfg.clone(), l.try_clone().unwrap())
+    };
+    let threads = vec![
+        // Node 2 dies as soon as everyone is connected.
+        {
+            let (cfg, l) = node(2);
+            spawn_node(cfg, l, move |_| async move { dead_tx.send(()).unwrap() })
+        },
+        // Node 1 stays up (it is the proxy) until the test is done.
+        {
+            let (cfg, l) = node(1);
+            spawn_node(cfg, l, move |_| wait_for(done_rx))
+        },
+        // Node 0 writes every column it holds at toughness 2.
+        {
+            let (cfg, l) = node(0);
+            spawn_node(cfg, l, move |node| async move {
+                dead_rx.recv().unwrap();
+                let mut tasks = tokio::task::JoinSet::new();
+                for stripe in 0..layout.stripes {
+                    let Some(column) = layout.column_of(stripe, 0) else {
+                        continue;
+                    };
+                    let node = node.clone();
+                    tasks.spawn(async move {
+                        node.write(stripe, block_for(stripe, column, 1), Toughness::Durable)
+                            .await
+                    });
+                }
+                while let Some(r) = tasks.join_next().await {
+                    r.unwrap().unwrap();
+                }
+                node.flush().await.unwrap();
+                wrote_tx.send(()).unwrap();
             })
-        })
-        .collect();
+        },
+    ];
     wrote_rx
-        .recv_timeout(std::time::Duration::from_secs(30))
+        .recv_timeout(Duration::from_secs(30))
         .expect("node 0's writes did not all reach toughness 2");
 
-    let files: Vec<File> = (0..layout.nodes())
-        .map(|id| File::open(device(id)).unwrap())
-        .collect();
-    let journals: Vec<Vec<Vec<u8>>> = files
-        .iter()
-        .map(|f| read_journal(f, JOURNAL).unwrap())
-        .collect();
-    let read = |n: usize, loc: u64| read_block(&files[n], JOURNAL, BLOCK, loc).unwrap();
-    let rec = recovery::recover(&layout, &journals, LOCATIONS, |n, loc| {
-        crc32c::crc32c(&read(n, loc))
-    });
-    assert!(rec.violations.is_empty(), "{:?}", rec.violations);
+    let disk = OnDisk::recover(&c);
     let expect_repair: std::collections::BTreeSet<u64> = (0..layout.stripes)
         .filter(|&s| layout.column_of(s, 0).is_some() && layout.parity_node(s) == 2)
         .collect();
     assert!(!expect_repair.is_empty());
-    assert_eq!(rec.repair, expect_repair, "stripes marked for repair");
+    assert_eq!(disk.rec.repair, expect_repair, "stripes marked for repair");
     for stripe in 0..layout.stripes {
         let Some(column) = layout.column_of(stripe, 0) else {
             continue;
         };
-        let got = read(0, rec.maps[0][stripe as usize]);
         assert!(
-            got == block_for(stripe, column, 1),
+            disk.block(0, stripe) == block_for(stripe, column, 1),
             "stripe {stripe}: node 0's write is lost"
         );
-        if !rec.repair.contains(&stripe) {
-            let mut xor = vec![0u8; BLOCK];
-            for c in 0..layout.data_columns {
-                let n = layout.data_node(stripe, c);
-                raid::parity::xor_into(&mut xor, &read(n, rec.maps[n][stripe as usize]));
-            }
-            let p = layout.parity_node(stripe);
-            assert!(
-                xor == read(p, rec.maps[p][stripe as usize]),
-                "stripe {stripe} parity"
-            );
+        if !disk.rec.repair.contains(&stripe) {
+            assert!(disk.parity_holds(&layout, stripe), "stripe {stripe} parity");
         }
     }
     done_tx.send(()).unwrap();
     for t in threads {
         t.join().unwrap();
     }
-    std::fs::remove_dir_all(&dir).ok();
+    std::fs::remove_dir_all(&c.dir).ok();
 }
