@@ -67,6 +67,17 @@ struct ParityUpdate {
     peer_hardened: bool,
 }
 
+/// A proxy's copy of another node's update, held until its stripe is repaired.
+#[derive(Debug)]
+struct ProxyCopy {
+    intent: Intent,
+    data: Vec<u8>,
+    /// The data node to answer.
+    from: NodeId,
+    /// Its `Proxy` record is durable (`ProxyHardened` was sent).
+    durable: bool,
+}
+
 /// Which pool a location is allocated from and returns to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Role {
@@ -178,12 +189,11 @@ pub struct Node<D: Disk> {
     /// Parity role: updates their data node took to a proxy (a later `Update` for one is
     /// ignored).
     abandoned: std::collections::HashSet<WriteId>,
-    /// Proxy role: copies held for other nodes' updates: (data node, stripe, durable).
-    proxied: HashMap<WriteId, (NodeId, u64, bool)>,
+    /// Proxy role: the copies held for other nodes' updates, journalled again by every
+    /// checkpoint until repaired.
+    proxied: HashMap<WriteId, ProxyCopy>,
     /// Reads waiting for the update in progress on their stripe to be resolved.
     pending_reads: HashMap<u64, Vec<u64>>,
-    /// Proxy role: the copies held, re-journalled by every checkpoint until repaired.
-    proxy_copies: HashMap<WriteId, (Intent, Vec<u8>)>,
     /// Per (stripe, column), the sequence of the last update completed here.
     done: HashMap<(u64, u32), u64>,
     /// Journal bytes after which the node writes a checkpoint (`None`: never).
@@ -276,7 +286,6 @@ impl<D: Disk> Node<D> {
             abandoned: std::collections::HashSet::new(),
             proxied: HashMap::new(),
             pending_reads: HashMap::new(),
-            proxy_copies: HashMap::new(),
             done: HashMap::new(),
             checkpoint_every: None,
             journal_since_checkpoint: 0,
@@ -351,8 +360,8 @@ impl<D: Disk> Node<D> {
                 again.push(u.mark(stripe));
             }
         }
-        for (intent, data) in self.proxy_copies.values() {
-            again.push(Body::Proxy(*intent, data.clone()));
+        for p in self.proxied.values() {
+            again.push(Body::Proxy(p.intent, p.data.clone()));
         }
         for body in again {
             self.journal(body);
@@ -495,11 +504,16 @@ impl<D: Disk> Node<D> {
             .filter(|&s| layout.column_of(s, id).is_some())
             .collect();
         for (intent, data) in &rec.proxies[id] {
-            let w = intent.write_id.get();
-            let stripe = intent.stripe.get();
-            let from = layout.data_node(stripe, intent.column.get() as usize);
-            node.proxied.insert(w, (from, stripe, true));
-            node.proxy_copies.insert(w, (*intent, data.clone()));
+            let from = layout.data_node(intent.stripe.get(), intent.column.get() as usize);
+            node.proxied.insert(
+                intent.write_id.get(),
+                ProxyCopy {
+                    intent: *intent,
+                    data: data.clone(),
+                    from,
+                    durable: true,
+                },
+            );
         }
         node.checkpoint_every = Some(0);
         node.maybe_checkpoint();
@@ -935,13 +949,12 @@ impl<D: Disk> Node<D> {
                 from,
                 data,
             } => match self.proxied.get(&write_id) {
-                Some(&(_, _, true)) => {
+                Some(p) if p.durable => {
                     out.sends
                         .push((from, Msg::ProxyHardened { write_id, stripe }));
                 }
                 Some(_) => {} // being made durable
                 None => {
-                    self.proxied.insert(write_id, (from, stripe, false));
                     let intent = Intent {
                         write_id: U64::new(write_id),
                         stripe: U64::new(stripe),
@@ -951,8 +964,16 @@ impl<D: Disk> Node<D> {
                         column: U32::new(column as u32),
                         new_crc: U32::new(crc32c::crc32c(&data)),
                     };
-                    self.proxy_copies.insert(write_id, (intent, data.clone()));
-                    self.journal(Body::Proxy(intent, data));
+                    self.journal(Body::Proxy(intent, data.clone()));
+                    self.proxied.insert(
+                        write_id,
+                        ProxyCopy {
+                            intent,
+                            data,
+                            from,
+                            durable: false,
+                        },
+                    );
                     self.disk.flush(write_id << 3 | STEP_PROXY);
                 }
             },
@@ -1062,11 +1083,11 @@ impl<D: Disk> Node<D> {
                 self.finish_parity(stripe, out);
             }
             STEP_PROXY => {
-                if let Some(entry) = self.proxied.get_mut(&write_id) {
-                    entry.2 = true;
-                    let (from, stripe) = (entry.0, entry.1);
+                if let Some(p) = self.proxied.get_mut(&write_id) {
+                    p.durable = true;
+                    let stripe = p.intent.stripe.get();
                     out.sends
-                        .push((from, Msg::ProxyHardened { write_id, stripe }));
+                        .push((p.from, Msg::ProxyHardened { write_id, stripe }));
                 }
             }
             STEP_COMPLETE => {
