@@ -39,3 +39,20 @@ fn connections_beyond_the_limit_are_refused_and_the_rest_keep_working() {
         .unwrap_or(0.0);
     assert!(refused >= 1.0, "no refusal counted:\n{metrics}");
 }
+
+/// A one-request-at-a-time client grows its connection to the full thread count (what makes
+/// QD1 reads fast, see `limits::CONNECTION_THREADS_MAX`), and answers stay right.
+#[test]
+fn lone_requests_grow_the_connection_threads() {
+    let d = Daemon::start(&["--volume", "v=16M"]);
+    let out = python("lone_growth.py", &[&d.uri("v"), &d.pid().to_string()]);
+    let count = |word: &str| -> usize {
+        out.split_whitespace()
+            .skip_while(|w| *w != word)
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {word} count in: {out}"))
+    };
+    assert!(count("before") <= 2, "{out}");
+    assert!(count("after") >= 32, "{out}");
+}

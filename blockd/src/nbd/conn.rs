@@ -26,6 +26,12 @@
 //!   them in flight. Their replies also go to the writer thread.
 //! - Both write the socket under one mutex, a whole batch of replies at a time.
 //!
+//! - A connection starts with two threads that take turns on the read side. Once its client
+//!   has sent [`LONE_BEFORE_GROWTH`] small requests one at a time, it grows to
+//!   [`CONNECTION_THREADS_MAX`] threads: a hand-off then wakes a thread that has slept long
+//!   enough for the scheduler to run it on the idle CPU, not beside the answering thread
+//!   (the measurements are at the constants).
+//!
 //! Bounds: at most [`INFLIGHT_MAX`] requests and [`INFLIGHT_BYTES_MAX`] payload bytes in
 //! flight; at the cap the thread stops reading (back-pressure). On shutdown or force-delete
 //! the socket's read side is shut down: the thread sees EOF, lets in-flight requests finish
@@ -411,6 +417,8 @@ struct Shared {
     /// Requests left during which a lone disk transfer must not keep the read side: set when
     /// keeping it made the next request wait (the client had more in flight than one).
     no_hold: std::sync::atomic::AtomicU32,
+    /// Lone small requests served so far, up to [`LONE_BEFORE_GROWTH`].
+    lone: std::sync::atomic::AtomicU32,
     runtime: Handle,
     metrics: Arc<SessionMetrics>,
 }
@@ -570,7 +578,11 @@ impl Shared {
     /// Invariant: a thread never blocks (on the read side's lock, or reading the socket)
     /// while it holds unsent replies. The client may be waiting for them before it sends
     /// more, so blocking there would deadlock the session.
-    fn worker(&self, tx: &mpsc::Sender<Reply>) {
+    fn worker<'scope>(
+        &'scope self,
+        tx: &mpsc::Sender<Reply>,
+        scope: &'scope std::thread::Scope<'scope, '_>,
+    ) {
         let mut out: Vec<u8> = Vec::with_capacity(WRITE_BATCH_BYTES + COPY_MAX_BYTES);
         let result = loop {
             let mut rd = match self.reader.try_lock() {
@@ -635,6 +647,9 @@ impl Shared {
                     break Err(e);
                 }
             }
+            if alone && small && held.is_none() {
+                self.count_lone(tx, scope);
+            }
             if let Some(job) = job {
                 if let Err(e) = self.process(job, &mut out, tx, alone) {
                     break Err(e);
@@ -655,6 +670,43 @@ impl Shared {
         let result = result.and_then(|()| send(&self.write_half, &mut out, None));
         if let Err(e) = result {
             self.finish(&mut self.reader(), End::WriterGone(e));
+        }
+    }
+
+    /// Counts a lone small request handed over; at [`LONE_BEFORE_GROWTH`] the connection
+    /// grows to [`CONNECTION_THREADS_MAX`] threads (once).
+    fn count_lone<'scope>(
+        &'scope self,
+        tx: &mpsc::Sender<Reply>,
+        scope: &'scope std::thread::Scope<'scope, '_>,
+    ) {
+        let grow = self
+            .lone
+            .fetch_update(Relaxed, Relaxed, |n| {
+                (n < LONE_BEFORE_GROWTH).then_some(n + 1)
+            })
+            .is_ok_and(|n| n + 1 == LONE_BEFORE_GROWTH);
+        if grow {
+            self.spawn_workers(CONNECTION_THREADS_MAX - CONNECTION_THREADS, tx, scope);
+        }
+    }
+
+    /// Starts `n` more connection threads; a thread that cannot start is only a warning.
+    fn spawn_workers<'scope>(
+        &'scope self,
+        n: usize,
+        tx: &mpsc::Sender<Reply>,
+        scope: &'scope std::thread::Scope<'scope, '_>,
+    ) {
+        for _ in 0..n {
+            let tx = tx.clone();
+            let spawned = std::thread::Builder::new()
+                .name("nbd-conn".into())
+                .spawn_scoped(scope, move || self.worker(&tx, scope));
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start another connection thread");
+                return;
+            }
         }
     }
 
@@ -716,6 +768,7 @@ pub fn run(sock: Socket, neg: Negotiated, runtime: Handle, metrics: Arc<SessionM
         write_half: Arc::clone(&write_half),
         control,
         no_hold: std::sync::atomic::AtomicU32::new(0),
+        lone: std::sync::atomic::AtomicU32::new(0),
         reader: Mutex::new(ReadSide {
             burst: 0,
             deep: false,
@@ -726,16 +779,8 @@ pub fn run(sock: Socket, neg: Negotiated, runtime: Handle, metrics: Arc<SessionM
         metrics,
     };
     std::thread::scope(|scope| {
-        for _ in 1..CONNECTION_THREADS {
-            let (shared, tx) = (&shared, tx.clone());
-            let spawned = std::thread::Builder::new()
-                .name("nbd-conn".into())
-                .spawn_scoped(scope, move || shared.worker(&tx));
-            if let Err(e) = spawned {
-                tracing::warn!(error = %e, "cannot start a second connection thread; serving with one");
-            }
-        }
-        shared.worker(&tx);
+        shared.spawn_workers(CONNECTION_THREADS - 1, &tx, scope);
+        shared.worker(&tx, scope);
     });
     // Requests already read still complete: the writer ends once the last in-flight task
     // has sent its reply and dropped its sender.
