@@ -40,8 +40,8 @@ fn connections_beyond_the_limit_are_refused_and_the_rest_keep_working() {
     assert!(refused >= 1.0, "no refusal counted:\n{metrics}");
 }
 
-/// A one-request-at-a-time client grows its connection to the full thread count (what makes
-/// QD1 reads fast, see `limits::CONNECTION_THREADS_MAX`), and answers stay right.
+/// A one-request-at-a-time client, and one sending large writes, grow their connection to
+/// the full thread count (see `limits::CONNECTION_THREADS_MAX`), and answers stay right.
 #[test]
 fn lone_requests_grow_the_connection_threads() {
     let d = Daemon::start(&["--volume", "v=16M"]);
@@ -55,4 +55,5 @@ fn lone_requests_grow_the_connection_threads() {
     };
     assert!(count("before") <= 2, "{out}");
     assert!(count("after") >= 32, "{out}");
+    assert!(count("large-writes") >= 32, "{out}");
 }

@@ -27,10 +27,11 @@
 //! - Both write the socket under one mutex, a whole batch of replies at a time.
 //!
 //! - A connection starts with two threads that take turns on the read side. Once its client
-//!   has sent [`LONE_BEFORE_GROWTH`] small requests one at a time, it grows to
-//!   [`CONNECTION_THREADS_MAX`] threads: a hand-off then wakes a thread that has slept long
-//!   enough for the scheduler to run it on the idle CPU, not beside the answering thread
-//!   (the measurements are at the constants).
+//!   has sent [`REQUESTS_BEFORE_GROWTH`] small requests one at a time, or large writes, it
+//!   grows to [`CONNECTION_THREADS_MAX`] threads: a hand-off then wakes a thread that has
+//!   slept long enough for the scheduler to run it on the idle CPU, not beside the answering
+//!   thread, and large writes keep a thread on the socket while others write (the
+//!   measurements are at the constants).
 //!
 //! Bounds: at most [`INFLIGHT_MAX`] requests and [`INFLIGHT_BYTES_MAX`] payload bytes in
 //! flight; at the cap the thread stops reading (back-pressure). On shutdown or force-delete
@@ -417,8 +418,8 @@ struct Shared {
     /// Requests left during which a lone disk transfer must not keep the read side: set when
     /// keeping it made the next request wait (the client had more in flight than one).
     no_hold: std::sync::atomic::AtomicU32,
-    /// Lone small requests served so far, up to [`LONE_BEFORE_GROWTH`].
-    lone: std::sync::atomic::AtomicU32,
+    /// Lone small requests and large writes seen so far, up to [`REQUESTS_BEFORE_GROWTH`].
+    toward_growth: std::sync::atomic::AtomicU32,
     runtime: Handle,
     metrics: Arc<SessionMetrics>,
 }
@@ -647,8 +648,11 @@ impl Shared {
                     break Err(e);
                 }
             }
-            if alone && small && held.is_none() {
-                self.count_lone(tx, scope);
+            let large_write = job
+                .as_ref()
+                .is_some_and(|j| j.req.kind == CMD_WRITE && !small);
+            if (alone && small && held.is_none()) || large_write {
+                self.count_toward_growth(tx, scope);
             }
             if let Some(job) = job {
                 if let Err(e) = self.process(job, &mut out, tx, alone) {
@@ -673,19 +677,20 @@ impl Shared {
         }
     }
 
-    /// Counts a lone small request handed over; at [`LONE_BEFORE_GROWTH`] the connection
-    /// grows to [`CONNECTION_THREADS_MAX`] threads (once).
-    fn count_lone<'scope>(
+    /// Counts a lone small request handed over or a large write; at
+    /// [`REQUESTS_BEFORE_GROWTH`] the connection grows to [`CONNECTION_THREADS_MAX`] threads
+    /// (once).
+    fn count_toward_growth<'scope>(
         &'scope self,
         tx: &mpsc::Sender<Reply>,
         scope: &'scope std::thread::Scope<'scope, '_>,
     ) {
         let grow = self
-            .lone
+            .toward_growth
             .fetch_update(Relaxed, Relaxed, |n| {
-                (n < LONE_BEFORE_GROWTH).then_some(n + 1)
+                (n < REQUESTS_BEFORE_GROWTH).then_some(n + 1)
             })
-            .is_ok_and(|n| n + 1 == LONE_BEFORE_GROWTH);
+            .is_ok_and(|n| n + 1 == REQUESTS_BEFORE_GROWTH);
         if grow {
             self.spawn_workers(CONNECTION_THREADS_MAX - CONNECTION_THREADS, tx, scope);
         }
@@ -768,7 +773,7 @@ pub fn run(sock: Socket, neg: Negotiated, runtime: Handle, metrics: Arc<SessionM
         write_half: Arc::clone(&write_half),
         control,
         no_hold: std::sync::atomic::AtomicU32::new(0),
-        lone: std::sync::atomic::AtomicU32::new(0),
+        toward_growth: std::sync::atomic::AtomicU32::new(0),
         reader: Mutex::new(ReadSide {
             burst: 0,
             deep: false,

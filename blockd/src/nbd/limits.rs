@@ -39,18 +39,23 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Threads a connection starts with: two, so that one waits in `recv` while the other
 /// answers (see `conn`).
 pub const CONNECTION_THREADS: usize = 2;
-/// Threads a connection grows to once its client runs one small request at a time
-/// ([`LONE_BEFORE_GROWTH`] of them). With two threads taking turns, each hand-off wakes the
-/// thread that ran a moment ago; the scheduler treats it as cache-hot and runs it on the CPU
-/// of the thread answering, which then waits for it. A thread that has slept for longer than
-/// the scheduler's migration cost (0.5 ms) goes to the idle CPU instead. Measured at 4 KiB
-/// QD1 reads (p50): 2 threads 30-52 us, 12 threads 26-36 us, 16 threads 12-15 us, 32 threads
-/// 13-14 us (nbdkit, 16 threads: 13 us). Growth is only for such clients: with large
-/// requests, 16 threads made 1 MiB QD8 reads 15% slower (4x the CPU migrations).
+/// Threads a connection grows to once [`REQUESTS_BEFORE_GROWTH`] requests of two kinds came:
+/// - Small requests sent one at a time. With two threads taking turns, each hand-off wakes
+///   the thread that ran a moment ago; the scheduler treats it as cache-hot and runs it on
+///   the CPU of the thread answering, which then waits for it. A thread that has slept for
+///   longer than the scheduler's migration cost (0.5 ms) goes to the idle CPU instead.
+///   Measured at 4 KiB QD1 reads (p50): 2 threads 30-52 us, 12 threads 26-36 us, 16 threads
+///   12-15 us, 32 threads 13-14 us (nbdkit, 16 threads: 13 us).
+/// - Large writes: writing 1 MiB into the page cache takes longer than receiving it, so two
+///   threads leave the socket unread while both write. 1 MiB QD8 writes: 0.92x nbdkit with
+///   two threads, 1.01x grown.
+///
+/// Large reads do not count: there the socket is the limit, and 16 threads made 1 MiB QD8
+/// reads 15% slower (4x the CPU migrations).
 pub const CONNECTION_THREADS_MAX: usize = 32;
-/// Lone small requests (nothing else in flight) after which a connection grows to
-/// [`CONNECTION_THREADS_MAX`] threads.
-pub const LONE_BEFORE_GROWTH: u32 = 64;
+/// Lone small requests (nothing else in flight) and large writes after which a connection
+/// grows to [`CONNECTION_THREADS_MAX`] threads.
+pub const REQUESTS_BEFORE_GROWTH: u32 = 64;
 /// Reply payloads at least this big are sent straight from their buffer (not copied into the
 /// batch), and requests this big are not batched: they run beside the next request.
 pub const COPY_MAX_BYTES: usize = 64 << 10;
