@@ -25,7 +25,6 @@
 //!   CACHE, BLOCK_STATUS) runs as an async task on the engine, so a connection keeps many of
 //!   them in flight. Their replies also go to the writer thread.
 //! - Both write the socket under one mutex, a whole batch of replies at a time.
-//!
 //! - A connection starts with two threads that take turns on the read side. Once its client
 //!   has sent [`REQUESTS_BEFORE_GROWTH`] small requests one at a time, or large writes, it
 //!   grows to [`CONNECTION_THREADS_MAX`] threads: a hand-off then wakes a thread that has
