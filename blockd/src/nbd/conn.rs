@@ -434,9 +434,10 @@ struct ReadSide {
     buf: BufReader<Socket>,
     /// Requests read since the buffer last ran dry.
     burst: usize,
-    /// The last burst held more than one request: the client keeps several in flight, so one
-    /// thread keeps the read side and batches (handing over would only add wake-ups).
-    deep: bool,
+    /// Bursts left during which one thread keeps the read side and batches: set to
+    /// [`DEEP_BURSTS`] by a burst of more than one request (the client keeps several in
+    /// flight, and handing over would only add wake-ups), counted down by single ones.
+    deep: u32,
     /// Set by the thread that ended the session; the others leave when they see it.
     end: Option<End>,
 }
@@ -584,16 +585,23 @@ impl Shared {
         scope: &'scope std::thread::Scope<'scope, '_>,
     ) {
         let mut out: Vec<u8> = Vec::with_capacity(WRITE_BATCH_BYTES + COPY_MAX_BYTES);
+        // The read side kept from the last request. It stays locked from one request to the
+        // next: unlocking it while another thread waits for it would wake that thread (a
+        // futex wake and a context switch per request) only for it to sleep again.
+        let mut kept: Option<MutexGuard<'_, ReadSide>> = None;
         let result = loop {
-            let mut rd = match self.reader.try_lock() {
-                Ok(guard) => guard,
-                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-                Err(std::sync::TryLockError::WouldBlock) => {
-                    if let Err(e) = send(&self.write_half, &mut out, None) {
-                        break Err(e);
+            let mut rd = match kept.take() {
+                Some(guard) => guard,
+                None => match self.reader.try_lock() {
+                    Ok(guard) => guard,
+                    Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                    Err(std::sync::TryLockError::WouldBlock) => {
+                        if let Err(e) = send(&self.write_half, &mut out, None) {
+                            break Err(e);
+                        }
+                        self.reader()
                     }
-                    self.reader()
-                }
+                },
             };
             if rd.end.is_some() {
                 break Ok(());
@@ -618,7 +626,11 @@ impl Shared {
             let more = small && complete_request(rd.buf.buffer(), self.export.extended);
             rd.burst += 1;
             if rd.buf.buffer().is_empty() {
-                rd.deep = rd.burst > 1;
+                rd.deep = if rd.burst > 1 {
+                    DEEP_BURSTS
+                } else {
+                    rd.deep.saturating_sub(1)
+                };
                 rd.burst = 0;
             }
             // Nothing buffered and nothing else in flight: latency matters more than overlap.
@@ -636,7 +648,7 @@ impl Shared {
                 && alone
                 && small
                 && job.as_ref().is_some_and(|j| self.sleeps_on_disk(&j.req));
-            let held = if more || on_disk || (rd.deep && small) {
+            let held = if more || on_disk || (rd.deep > 0 && small) {
                 Some(rd)
             } else {
                 drop(rd);
@@ -668,8 +680,9 @@ impl Shared {
                     break Err(e);
                 }
             }
-            drop(held);
+            kept = held;
         };
+        drop(kept);
         let result = result.and_then(|()| send(&self.write_half, &mut out, None));
         if let Err(e) = result {
             self.finish(&mut self.reader(), End::WriterGone(e));
@@ -775,7 +788,7 @@ pub fn run(sock: Socket, neg: Negotiated, runtime: Handle, metrics: Arc<SessionM
         toward_growth: std::sync::atomic::AtomicU32::new(0),
         reader: Mutex::new(ReadSide {
             burst: 0,
-            deep: false,
+            deep: 0,
             buf: BufReader::with_capacity(READ_BUFFER_BYTES, sock),
             end: None,
         }),
