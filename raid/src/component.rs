@@ -86,6 +86,12 @@ pub struct Component {
     /// The file lives in memory (tmpfs, ramfs): a read never waits on a disk, so it is done
     /// on the caller's thread even though these filesystems refuse `RWF_NOWAIT`.
     in_memory: bool,
+    /// Taken around each buffered write on a caller's thread. The filesystem serialises
+    /// buffered writes to one file anyway (ext4 and XFS take the inode lock exclusively),
+    /// but its waiters spin on the lock's owner: with a connection's threads writing 1 MiB
+    /// each, 12% of blockd's CPU was that spinning. Waiting here sleeps instead, leaving the
+    /// CPU to the thread reading the socket: 1 MiB QD8 writes took 7% less CPU per I/O.
+    write_turn: std::sync::Mutex<()>,
 }
 
 /// Whether `file` is on a filesystem whose pages live only in memory.
@@ -142,6 +148,7 @@ impl Component {
             buffered: Arc::new(buffered),
             direct,
             cache,
+            write_turn: std::sync::Mutex::new(()),
         })
     }
 
@@ -201,7 +208,9 @@ impl Component {
         if len > NOWAIT_MAX_BYTES || !Arc::ptr_eq(self.file_for(offset, len), &self.buffered) {
             return Err(buf);
         }
+        let turn = self.write_turn.lock().unwrap_or_else(|p| p.into_inner());
         let res = self.buffered.write_all_at(buf.as_slice(), offset);
+        drop(turn);
         Ok((buf, res))
     }
 
