@@ -25,6 +25,10 @@
 //!   CACHE, BLOCK_STATUS) runs as an async task on the engine, so a connection keeps many of
 //!   them in flight. Their replies also go to the writer thread.
 //! - Both write the socket under one mutex, a whole batch of replies at a time.
+//! - A client that keeps several small requests in flight (a `recv` brought more than one)
+//!   has one thread keep the read side from request to request, for [`DEEP_BURSTS`]
+//!   `recv`s after the last such burst: handing over would cost two context switches per
+//!   request, while that client's next request is usually already on its way.
 //! - A connection starts with two threads that take turns on the read side. Once its client
 //!   has sent [`REQUESTS_BEFORE_GROWTH`] small requests one at a time, or large writes, it
 //!   grows to [`CONNECTION_THREADS_MAX`] threads: a hand-off then wakes a thread that has
@@ -574,7 +578,9 @@ impl Shared {
     /// ones are buffered, batching replies. When no complete request is buffered it hands
     /// the read side over before working on the last one, so another thread is already
     /// waiting in `recv` when the client's next request arrives (nbdkit's order), then sends
-    /// its batch.
+    /// its batch. A client that keeps several requests in flight is the exception: one
+    /// thread keeps the read side from request to request (see [`DEEP_BURSTS`]), sending its
+    /// batch before each `recv` that could block.
     ///
     /// Invariant: a thread never blocks (on the read side's lock, or reading the socket)
     /// while it holds unsent replies. The client may be waiting for them before it sends
