@@ -57,3 +57,22 @@ fn lone_requests_grow_the_connection_threads() {
     assert!(count("after") >= 32, "{out}");
     assert!(count("large-writes") >= 32, "{out}");
 }
+
+/// A client with more than one request in flight keeps one connection thread on the read
+/// side, also across writes that carry a single request (see `limits::DEEP_BURSTS`): the
+/// previous behaviour handed it over after each of those, spreading the work over the
+/// threads (busiest share 0.04, and the connection grew to 32 threads).
+#[test]
+fn a_deep_client_is_served_by_one_thread() {
+    let d = Daemon::start(&["--volume", "v=16M"]);
+    let out = python("deep_hold.py", &[&d.uri("v"), &d.pid().to_string()]);
+    let value = |word: &str| -> f64 {
+        out.split_whitespace()
+            .skip_while(|w| *w != word)
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {word} in: {out}"))
+    };
+    assert!(value("threads") <= 2.0, "{out}");
+    assert!(value("busiest-share") >= 0.9, "{out}");
+}
