@@ -46,16 +46,18 @@ fn connections_beyond_the_limit_are_refused_and_the_rest_keep_working() {
 fn lone_requests_grow_the_connection_threads() {
     let d = Daemon::start(&["--volume", "v=16M"]);
     let out = python("lone_growth.py", &[&d.uri("v"), &d.pid().to_string()]);
-    let count = |word: &str| -> usize {
-        out.split_whitespace()
-            .skip_while(|w| *w != word)
-            .nth(1)
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no {word} count in: {out}"))
-    };
-    assert!(count("before") <= 2, "{out}");
-    assert!(count("after") >= 32, "{out}");
-    assert!(count("large-writes") >= 32, "{out}");
+    assert!(number_after(&out, "before") <= 2.0, "{out}");
+    assert!(number_after(&out, "after") >= 32.0, "{out}");
+    assert!(number_after(&out, "large-writes") >= 32.0, "{out}");
+}
+
+/// The number that follows `word` in a script's `word N` output.
+fn number_after(out: &str, word: &str) -> f64 {
+    out.split_whitespace()
+        .skip_while(|w| *w != word)
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no {word} in: {out}"))
 }
 
 /// A client with more than one request in flight keeps one connection thread on the read
@@ -66,13 +68,6 @@ fn lone_requests_grow_the_connection_threads() {
 fn a_deep_client_is_served_by_one_thread() {
     let d = Daemon::start(&["--volume", "v=16M"]);
     let out = python("deep_hold.py", &[&d.uri("v"), &d.pid().to_string()]);
-    let value = |word: &str| -> f64 {
-        out.split_whitespace()
-            .skip_while(|w| *w != word)
-            .nth(1)
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no {word} in: {out}"))
-    };
-    assert!(value("threads") <= 2.0, "{out}");
-    assert!(value("busiest-share") >= 0.9, "{out}");
+    assert!(number_after(&out, "threads") <= 2.0, "{out}");
+    assert!(number_after(&out, "busiest-share") >= 0.9, "{out}");
 }
