@@ -57,23 +57,26 @@ s.sendall(b"IHAVEOPT" + struct.pack(">II", 1, len(export)) + export)
 size, _tflags = struct.unpack(">QH", recv_exact(s, 10))
 assert size >= BLOCKS * BLOCK, size
 
+REQUEST_MAGIC, SIMPLE_REPLY_MAGIC = 0x25609513, 0x67446698
+CMD_READ, CMD_WRITE, CMD_DISC = 0, 1, 2
+
+
+def request(kind, cookie, block, length=BLOCK):
+    return struct.pack(">IHHQQI", REQUEST_MAGIC, 0, kind, cookie, block * BLOCK, length)
+
+
 # Known data to read back: block i holds the byte i.
 for i in range(BLOCKS):
-    req = struct.pack(">IHHQQI", 0x25609513, 0, 1, 1000 + i, i * BLOCK, BLOCK)
-    s.sendall(req + bytes([i]) * BLOCK)
+    s.sendall(request(CMD_WRITE, 1000 + i, i) + bytes([i]) * BLOCK)
     magic, err, cookie = struct.unpack(">IIQ", recv_exact(s, 16))
-    assert (magic, err, cookie) == (0x67446698, 0, 1000 + i), (magic, err, cookie)
-
-
-def read_req(cookie, block):
-    return struct.pack(">IHHQQI", 0x25609513, 0, 0, cookie, block * BLOCK, BLOCK)
+    assert (magic, err, cookie) == (SIMPLE_REPLY_MAGIC, 0, 1000 + i), (magic, err, cookie)
 
 
 def check_replies(want):
     got = {}
     for _ in range(len(want)):
         magic, err, cookie = struct.unpack(">IIQ", recv_exact(s, 16))
-        assert magic == 0x67446698 and err == 0, (magic, err)
+        assert magic == SIMPLE_REPLY_MAGIC and err == 0, (magic, err)
         got[cookie] = recv_exact(s, BLOCK)
     for cookie, block in want.items():
         assert got[cookie] == bytes([block]) * BLOCK, f"cookie {cookie} read other data"
@@ -83,13 +86,13 @@ before = conn_thread_times()
 cookie = 0
 for r in range(ROUNDS):
     a, b, c = (r * 3) % BLOCKS, (r * 3 + 1) % BLOCKS, (r * 3 + 2) % BLOCKS
-    s.sendall(read_req(cookie, a) + read_req(cookie + 1, b))
+    s.sendall(request(CMD_READ, cookie, a) + request(CMD_READ, cookie + 1, b))
     check_replies({cookie: a, cookie + 1: b})
-    s.sendall(read_req(cookie + 2, c))
+    s.sendall(request(CMD_READ, cookie + 2, c))
     check_replies({cookie + 2: c})
     cookie += 3
 after = conn_thread_times()
-s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 2, 0, 0, 0))  # NBD_CMD_DISC
+s.sendall(request(CMD_DISC, 0, 0, 0))
 s.close()
 
 spent = [after[t] - before.get(t, 0) for t in after]
