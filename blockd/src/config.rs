@@ -78,7 +78,29 @@ pub struct Config {
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
 
-    /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
-    #[arg(long, default_value = "info")]
+    /// Server certificate chain (PEM) for NBD over TLS (STARTTLS). Needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// CA certificate(s) (PEM): clients must present a certificate signed by one of them.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// require: clients must upgrade to TLS before anything else (the default once TLS is
+    /// configured); allow: plain clients are served too.
+    #[arg(long, value_enum, requires = "tls_cert")]
+    pub tls: Option<crate::nbd::tls::TlsMode>,
+
+    /// Group allowed to use the NBD Unix socket (mode 0660); without it the socket is 0600.
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
+
+    /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it. rustls warns about
+    /// every client that sends an IP address as its TLS server name, so only its errors.
+    #[arg(long, default_value = "info,rustls=error")]
     pub log: String,
 }

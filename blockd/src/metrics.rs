@@ -101,3 +101,10 @@ pub fn handshake(elapsed: Duration, ok: bool) {
 pub fn connection_refused() {
     counter!("blockd_nbd_connections_refused_total").increment(1);
 }
+
+/// A TLS handshake after STARTTLS finished (`ok`) or failed (bad or missing certificate,
+/// protocol error).
+pub fn tls_handshake(ok: bool) {
+    let result = if ok { "ok" } else { "failed" };
+    counter!("blockd_nbd_tls_handshakes_total", "result" => result).increment(1);
+}

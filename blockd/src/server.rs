@@ -27,9 +27,11 @@ use volmgr::{ManagerConfig, VolumeManager};
 use crate::admin::{self, AdminState};
 use crate::config::{Config, EngineArg};
 use crate::metrics as m;
-use crate::nbd::conn::{self, Socket};
-use crate::nbd::handshake;
+use crate::nbd::conn;
+use crate::nbd::handshake::{self, Handshake, Outcome, TlsState};
 use crate::nbd::limits::{HANDSHAKE_TIMEOUT, SHUTDOWN_GRACE};
+use crate::nbd::socket::{Plain, Socket};
+use crate::nbd::tls::{TlsContext, TlsFiles, TlsMode};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -44,6 +46,8 @@ pub enum StartupError {
     Config(String),
     #[error("engine: {0}")]
     Engine(#[from] raid::engine::EngineError),
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::nbd::tls::TlsError),
 }
 
 fn io_ctx(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StartupError {
@@ -99,7 +103,7 @@ fn lock_data_dir(dir: &Path) -> Result<File, StartupError> {
     }
 }
 
-fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, StartupError> {
+fn bind_unix(path: &Path, group: Option<&str>) -> Result<UnixListener, StartupError> {
     // The data directory lock is held, so a socket file left here is stale.
     match std::fs::remove_file(path) {
         Ok(()) => {}
@@ -108,6 +112,22 @@ fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, StartupError> {
     }
     let listener =
         UnixListener::bind(path).map_err(io_ctx(format!("cannot bind {}", path.display())))?;
+    let mode = match group {
+        None => 0o600,
+        Some(name) => {
+            let gid = nix::unistd::Group::from_name(name)
+                .map_err(|e| StartupError::Config(format!("--socket-group {name:?}: {e}")))?
+                .ok_or_else(|| {
+                    StartupError::Config(format!("--socket-group {name:?}: no such group"))
+                })?
+                .gid;
+            std::os::unix::fs::chown(path, None, Some(gid.as_raw())).map_err(io_ctx(format!(
+                "cannot give {} to group {name}",
+                path.display()
+            )))?;
+            0o660
+        }
+    };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(io_ctx(format!("cannot chmod {}", path.display())))?;
     Ok(listener)
@@ -167,10 +187,30 @@ async fn serve(config: Config) -> Result<(), StartupError> {
         mgr.add_file_volume(&config.file_name, path, config.cache.into(), false)?;
     }
 
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => {
+            let files = TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: config.tls_ca.clone(),
+            };
+            let mode = config.tls.unwrap_or(TlsMode::Require);
+            let ctx = Arc::new(TlsContext::load(files, mode)?);
+            tracing::info!(
+                ?mode,
+                client_certificates = config.tls_ca.is_some(),
+                "NBD TLS on"
+            );
+            Some(ctx)
+        }
+        _ => None,
+    };
+
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let acceptor = Acceptor {
         mgr: Arc::clone(&mgr),
+        tls: tls.clone(),
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
         slots: Arc::new(Semaphore::new(config.max_connections)),
@@ -189,12 +229,12 @@ async fn serve(config: Config) -> Result<(), StartupError> {
         }
     }
     let nbd_sock = data_dir.join("nbd.sock");
-    let nbd_unix = bind_unix(&nbd_sock, 0o660)?;
+    let nbd_unix = bind_unix(&nbd_sock, config.socket_group.as_deref())?;
     tracing::info!(path = %nbd_sock.display(), "NBD listening on Unix socket");
     tracker.spawn(accept_unix(nbd_unix, acceptor));
 
     let admin_sock = data_dir.join("admin.sock");
-    let admin_listener = bind_unix(&admin_sock, 0o600)?;
+    let admin_listener = bind_unix(&admin_sock, None)?;
     let state = AdminState {
         mgr: Arc::clone(&mgr),
         prometheus,
@@ -212,7 +252,7 @@ async fn serve(config: Config) -> Result<(), StartupError> {
     });
     tracing::info!(path = %admin_sock.display(), volumes = mgr.list().len(), engine = %mgr.engine().kind(), "blockd ready");
 
-    wait_for_signal().await;
+    wait_for_signal(tls.as_deref()).await;
     tracing::info!("shutting down: finishing in-flight requests");
     shutdown.cancel();
     tracker.close();
@@ -240,15 +280,28 @@ async fn serve(config: Config) -> Result<(), StartupError> {
     Ok(())
 }
 
-async fn wait_for_signal() {
+/// Waits for SIGINT or SIGTERM; on SIGHUP re-reads the TLS certificates meanwhile.
+async fn wait_for_signal(tls: Option<&TlsContext>) {
     use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
+    let (Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
         let _ = tokio::signal::ctrl_c().await;
         return;
     };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return,
+            _ = term.recv() => return,
+            _ = hup.recv() => match tls.map(TlsContext::reload) {
+                None => tracing::info!("SIGHUP: no TLS configured; nothing to reload"),
+                Some(Ok(())) => tracing::info!("SIGHUP: TLS certificates reloaded"),
+                Some(Err(e)) => {
+                    tracing::error!(error = %e, "SIGHUP: TLS reload failed; keeping the previous certificates")
+                }
+            },
+        }
     }
 }
 
@@ -258,37 +311,81 @@ enum Accepted {
     Unix(tokio::net::UnixStream),
 }
 
+/// A negotiated connection: what the client chose, and its TLS session if it upgraded.
+type Established = (handshake::Negotiated, Option<rustls::ServerConnection>);
+
 impl Accepted {
     async fn negotiate(
         &mut self,
         mgr: &VolumeManager,
-    ) -> Result<Option<handshake::Negotiated>, handshake::HandshakeError> {
+        tls: Option<&TlsContext>,
+    ) -> Result<Option<Established>, handshake::HandshakeError> {
         match self {
-            Accepted::Tcp(s) => {
-                let (mut r, mut w) = s.split();
-                handshake::negotiate(&mut r, &mut w, mgr, false).await
-            }
-            Accepted::Unix(s) => {
-                let (mut r, mut w) = s.split();
-                handshake::negotiate(&mut r, &mut w, mgr, false).await
-            }
+            Accepted::Tcp(s) => negotiate_on(s, mgr, tls).await,
+            Accepted::Unix(s) => negotiate_on(s, mgr, tls).await,
         }
     }
 
     /// The socket in blocking mode, for the connection thread.
-    fn into_blocking(self) -> std::io::Result<Socket> {
-        Ok(match self {
+    fn into_blocking(self, tls: Option<rustls::ServerConnection>) -> std::io::Result<Socket> {
+        let plain = match self {
             Accepted::Tcp(s) => {
                 let s = s.into_std()?;
                 s.set_nonblocking(false)?;
-                Socket::Tcp(s)
+                Plain::Tcp(s)
             }
             Accepted::Unix(s) => {
                 let s = s.into_std()?;
                 s.set_nonblocking(false)?;
-                Socket::Unix(s)
+                Plain::Unix(s)
             }
+        };
+        Ok(match tls {
+            None => Socket::plain(plain),
+            Some(conn) => Socket::tls(plain, conn),
         })
+    }
+}
+
+/// The option loop, with the TLS upgrade in the middle when the client asks for it.
+async fn negotiate_on<S>(
+    s: &mut S,
+    mgr: &VolumeManager,
+    tls: Option<&TlsContext>,
+) -> Result<Option<Established>, handshake::HandshakeError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let state = tls.map_or(TlsState::Off, |t| TlsState::Offered(t.mode()));
+    let mut hs = Handshake::greet(s, state, false).await?;
+    match hs.options(s, mgr).await? {
+        Outcome::Go(neg) => return Ok(Some((neg, None))),
+        Outcome::Aborted => return Ok(None),
+        Outcome::StartTls => {}
+    }
+    let Some(ctx) = tls else {
+        return Err(handshake::HandshakeError::Protocol(
+            "STARTTLS accepted without TLS".into(),
+        ));
+    };
+    let mut stream = ctx
+        .acceptor()
+        .accept(&mut *s)
+        .await
+        .map_err(handshake::HandshakeError::Tls)?;
+    m::tls_handshake(true);
+    hs.secured();
+    match hs.options(&mut stream, mgr).await? {
+        Outcome::Go(neg) => {
+            let (_, conn) = stream.into_inner();
+            Ok(Some((neg, Some(conn))))
+        }
+        Outcome::Aborted => {
+            use tokio::io::AsyncWriteExt;
+            let _ = stream.shutdown().await;
+            Ok(None)
+        }
+        Outcome::StartTls => Err(handshake::HandshakeError::Protocol("STARTTLS twice".into())),
     }
 }
 
@@ -296,6 +393,7 @@ impl Accepted {
 #[derive(Clone)]
 struct Acceptor {
     mgr: Arc<VolumeManager>,
+    tls: Option<Arc<TlsContext>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     slots: Arc<Semaphore>,
@@ -309,9 +407,13 @@ impl Acceptor {
             tracing::warn!(%peer, "connection limit reached; refusing");
             return;
         };
-        let (mgr, stop) = (Arc::clone(&self.mgr), self.shutdown.clone());
+        let (mgr, stop, tls) = (
+            Arc::clone(&self.mgr),
+            self.shutdown.clone(),
+            self.tls.clone(),
+        );
         self.tracker.spawn(async move {
-            connection(conn, mgr, stop, peer).await;
+            connection(conn, mgr, tls, stop, peer).await;
             drop(slot);
         });
     }
@@ -354,21 +456,28 @@ async fn accept_unix(listener: UnixListener, acc: Acceptor) {
 async fn connection(
     mut conn: Accepted,
     mgr: Arc<VolumeManager>,
+    tls: Option<Arc<TlsContext>>,
     stop: CancellationToken,
     peer: String,
 ) {
     let t0 = Instant::now();
     let negotiated = tokio::select! {
         _ = stop.cancelled() => return,
-        res = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.negotiate(&mgr)) => res,
+        res = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.negotiate(&mgr, tls.as_deref())) => res,
     };
-    let neg = match negotiated {
-        Ok(Ok(Some(neg))) => {
+    let (neg, session) = match negotiated {
+        Ok(Ok(Some(established))) => {
             m::handshake(t0.elapsed(), true);
-            neg
+            established
         }
         Ok(Ok(None)) => {
             m::handshake(t0.elapsed(), true);
+            return;
+        }
+        Ok(Err(handshake::HandshakeError::Tls(e))) => {
+            m::handshake(t0.elapsed(), false);
+            m::tls_handshake(false);
+            tracing::info!(%peer, error = %e, "TLS handshake failed; client refused");
             return;
         }
         Ok(Err(e)) => {
@@ -383,7 +492,7 @@ async fn connection(
         }
     };
     let (sock, control) = match conn
-        .into_blocking()
+        .into_blocking(session)
         .and_then(|s| s.try_clone().map(|c| (s, c)))
     {
         Ok(pair) => pair,

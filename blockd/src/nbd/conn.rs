@@ -42,8 +42,6 @@
 //! and be answered, then closes.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, TcpStream};
-use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
@@ -56,87 +54,9 @@ use zerocopy::FromBytes;
 use super::handshake::Negotiated;
 use super::limits::*;
 use super::session::{execute, io_error, validate, Encoder, Export, Outcome, Request, Verdict};
+pub use super::socket::Socket;
 use super::wire::*;
 use crate::metrics::SessionMetrics;
-
-/// A connected socket of either family, in blocking mode.
-#[derive(Debug)]
-pub enum Socket {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
-
-impl Socket {
-    pub fn try_clone(&self) -> io::Result<Socket> {
-        Ok(match self {
-            Socket::Tcp(s) => Socket::Tcp(s.try_clone()?),
-            Socket::Unix(s) => Socket::Unix(s.try_clone()?),
-        })
-    }
-
-    /// Shuts down the read side: a thread blocked reading sees EOF.
-    pub fn shutdown_read(&self) {
-        let _ = match self {
-            Socket::Tcp(s) => s.shutdown(Shutdown::Read),
-            Socket::Unix(s) => s.shutdown(Shutdown::Read),
-        };
-    }
-
-    fn shutdown_write(&self) {
-        let _ = match self {
-            Socket::Tcp(s) => s.shutdown(Shutdown::Write),
-            Socket::Unix(s) => s.shutdown(Shutdown::Write),
-        };
-    }
-}
-
-impl std::os::fd::AsFd for Socket {
-    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        match self {
-            Socket::Tcp(s) => s.as_fd(),
-            Socket::Unix(s) => s.as_fd(),
-        }
-    }
-}
-
-impl Socket {
-    /// Whether bytes are waiting to be read (a zero-timeout poll; never blocks).
-    fn readable(&self) -> bool {
-        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-        let mut fds = [PollFd::new(
-            std::os::fd::AsFd::as_fd(self),
-            PollFlags::POLLIN,
-        )];
-        matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
-    }
-}
-
-impl Read for Socket {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Socket::Tcp(s) => s.read(buf),
-            Socket::Unix(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Socket {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Socket::Tcp(s) => s.write(buf),
-            Socket::Unix(s) => s.write(buf),
-        }
-    }
-    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        match self {
-            Socket::Tcp(s) => s.write_vectored(bufs),
-            Socket::Unix(s) => s.write_vectored(bufs),
-        }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
 
 /// Counts requests and payload bytes in flight; [`Gate::enter`] blocks at the caps.
 #[derive(Debug, Default)]

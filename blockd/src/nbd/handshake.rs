@@ -14,6 +14,7 @@ use zerocopy::big_endian::{U32, U64};
 use zerocopy::{FromBytes, IntoBytes};
 
 use super::limits::*;
+use super::tls::TlsMode;
 use super::wire::*;
 
 /// What the client and server agreed on.
@@ -35,6 +36,8 @@ pub enum HandshakeError {
     Protocol(String),
     #[error("client aborted")]
     Aborted,
+    #[error("TLS handshake: {0}")]
+    Tls(std::io::Error),
 }
 
 fn violation(why: impl Into<String>) -> HandshakeError {
@@ -95,7 +98,41 @@ async fn error<W: AsyncWrite + Unpin>(
     reply(w, option, kind, message.as_bytes()).await
 }
 
-/// Runs the handshake. `Ok(None)` means the client ended it cleanly (ABORT).
+/// How TLS stands on a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsState {
+    /// Not configured: STARTTLS is refused (the spec's NOTLS mode).
+    Off,
+    /// Configured, not yet started; `Require` refuses everything else first (FORCEDTLS).
+    Offered(TlsMode),
+    /// The session is encrypted.
+    Up,
+}
+
+/// How an option loop ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// EXPORT_NAME or GO succeeded: enter transmission.
+    Go(Negotiated),
+    /// The client sent ABORT.
+    Aborted,
+    /// STARTTLS was acknowledged: run the TLS handshake, call [`Handshake::secured`], then
+    /// [`Handshake::options`] again over the encrypted stream.
+    StartTls,
+}
+
+/// One connection's negotiation, across a STARTTLS upgrade.
+#[derive(Debug)]
+pub struct Handshake {
+    fixed: bool,
+    no_zeroes: bool,
+    /// Options left before the connection is cut (counted across the upgrade).
+    options_left: usize,
+    tls: TlsState,
+    shutting_down: bool,
+}
+
+/// Runs a plain handshake (no TLS configured). `Ok(None)` means the client ended it cleanly.
 pub async fn negotiate<R, W>(
     r: &mut R,
     w: &mut W,
@@ -106,30 +143,93 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut hello = Vec::with_capacity(18);
-    hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
-    hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-    w.write_all(&hello).await?;
-    w.flush().await?;
-
-    let client_flags = r.read_u32().await?;
-    if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
-        return Err(violation(format!("unknown client flags {client_flags:#x}")));
+    let mut s = tokio::io::join(r, w);
+    let mut hs = Handshake::greet(&mut s, TlsState::Off, shutting_down).await?;
+    match hs.options(&mut s, mgr).await? {
+        Outcome::Go(neg) => Ok(Some(neg)),
+        Outcome::Aborted => Ok(None),
+        Outcome::StartTls => Err(violation("STARTTLS without TLS configured")),
     }
-    let fixed = client_flags & FLAG_C_FIXED_NEWSTYLE != 0;
-    let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
+}
 
-    let mut st = State {
-        mgr,
-        structured: false,
-        extended: false,
-        meta: None,
-        shutting_down,
-    };
-    for _ in 0..OPTIONS_MAX {
+impl Handshake {
+    /// Sends the greeting and reads the client's flags.
+    pub async fn greet<S>(
+        s: &mut S,
+        tls: TlsState,
+        shutting_down: bool,
+    ) -> Result<Handshake, HandshakeError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mut hello = Vec::with_capacity(18);
+        hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
+        hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+        s.write_all(&hello).await?;
+        s.flush().await?;
+
+        let client_flags = s.read_u32().await?;
+        if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+            return Err(violation(format!("unknown client flags {client_flags:#x}")));
+        }
+        Ok(Handshake {
+            fixed: client_flags & FLAG_C_FIXED_NEWSTYLE != 0,
+            no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
+            options_left: OPTIONS_MAX,
+            tls,
+            shutting_down,
+        })
+    }
+
+    /// Records that the TLS handshake after STARTTLS succeeded.
+    pub fn secured(&mut self) {
+        self.tls = TlsState::Up;
+    }
+
+    /// Runs the option loop until the client enters transmission, aborts or starts TLS.
+    /// State negotiated before STARTTLS is forgotten, as the spec requires: each call starts
+    /// afresh.
+    pub async fn options<S>(
+        &mut self,
+        s: &mut S,
+        mgr: &VolumeManager,
+    ) -> Result<Outcome, HandshakeError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mut st = State {
+            mgr,
+            structured: false,
+            extended: false,
+            meta: None,
+            shutting_down: self.shutting_down,
+        };
+        let (fixed, no_zeroes) = (self.fixed, self.no_zeroes);
+        while self.options_left > 0 {
+            self.options_left -= 1;
+            match self.option(s, &mut st, fixed, no_zeroes).await? {
+                Some(outcome) => return Ok(outcome),
+                None => s.flush().await?,
+            }
+        }
+        Err(violation(format!("more than {OPTIONS_MAX} options")))
+    }
+
+    /// Reads and answers one option; `Some` ends the loop.
+    async fn option<S>(
+        &self,
+        s: &mut S,
+        st: &mut State<'_>,
+        fixed: bool,
+        no_zeroes: bool,
+    ) -> Result<Option<Outcome>, HandshakeError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mgr = st.mgr;
         let mut head = [0u8; 16];
-        r.read_exact(&mut head).await?;
+        s.read_exact(&mut head).await?;
         let head =
             OptionHeader::read_from_bytes(&head).map_err(|_| violation("short option header"))?;
         if head.magic.get() != IHAVEOPT {
@@ -143,7 +243,8 @@ where
             )));
         }
         let mut data = vec![0u8; len as usize];
-        r.read_exact(&mut data).await?;
+        s.read_exact(&mut data).await?;
+        let w = s;
 
         if !fixed && option != OPT_EXPORT_NAME {
             error(
@@ -153,11 +254,28 @@ where
                 "only EXPORT_NAME is allowed without fixed newstyle",
             )
             .await?;
-            continue;
+            return Ok(None);
         }
         if st.shutting_down && option != OPT_ABORT {
             error(w, option, REP_ERR_SHUTDOWN, "server is shutting down").await?;
-            continue;
+            return Ok(None);
+        }
+        if self.tls == TlsState::Offered(TlsMode::Require)
+            && !matches!(option, OPT_STARTTLS | OPT_ABORT)
+        {
+            if option == OPT_EXPORT_NAME {
+                return Err(violation(
+                    "EXPORT_NAME before STARTTLS on a TLS-only server",
+                ));
+            }
+            error(
+                w,
+                option,
+                REP_ERR_TLS_REQD,
+                "this server requires TLS: connect with nbds:// (or qemu's tls-creds)",
+            )
+            .await?;
+            return Ok(None);
         }
         match option {
             OPT_EXPORT_NAME => {
@@ -178,13 +296,13 @@ where
                 }
                 w.write_all(&out).await?;
                 w.flush().await?;
-                return Ok(Some(st.negotiated(volume, &name)));
+                return Ok(Some(Outcome::Go(st.negotiated(volume, &name))));
             }
             OPT_ABORT => {
                 // The client may hang up without reading the ACK.
                 let _ = reply(w, option, REP_ACK, &[]).await;
                 let _ = w.flush().await;
-                return Ok(None);
+                return Ok(Some(Outcome::Aborted));
             }
             OPT_LIST => {
                 if !data.is_empty() {
@@ -205,20 +323,32 @@ where
                 if !data.is_empty() {
                     error(w, option, REP_ERR_INVALID, "STARTTLS takes no data").await?;
                 } else {
-                    error(
-                        w,
-                        option,
-                        REP_ERR_POLICY,
-                        "TLS is not configured on this server",
-                    )
-                    .await?;
+                    match self.tls {
+                        TlsState::Off => {
+                            error(
+                                w,
+                                option,
+                                REP_ERR_POLICY,
+                                "TLS is not configured on this server",
+                            )
+                            .await?
+                        }
+                        TlsState::Up => {
+                            error(w, option, REP_ERR_INVALID, "TLS is already in use").await?
+                        }
+                        TlsState::Offered(_) => {
+                            reply(w, option, REP_ACK, &[]).await?;
+                            w.flush().await?;
+                            return Ok(Some(Outcome::StartTls));
+                        }
+                    }
                 }
             }
             OPT_INFO | OPT_GO => {
                 if let Some((volume, name)) = st.info(w, option, &data).await? {
                     if option == OPT_GO {
                         w.flush().await?;
-                        return Ok(Some(st.negotiated(volume, &name)));
+                        return Ok(Some(Outcome::Go(st.negotiated(volume, &name))));
                     }
                 }
             }
@@ -252,9 +382,8 @@ where
             }
             _ => error(w, option, REP_ERR_UNSUP, "option not supported").await?,
         }
-        w.flush().await?;
+        Ok(None)
     }
-    Err(violation(format!("more than {OPTIONS_MAX} options")))
 }
 
 fn description(volume: &Volume) -> String {

@@ -76,6 +76,10 @@ pub const READ_BUFFER_BYTES: usize = 256 << 10;
 /// Replies are batched into one `write(2)` up to this size; larger payloads go on their own.
 pub const WRITE_BATCH_BYTES: usize = 256 << 10;
 
+/// A TLS connection keeps its send buffer (ciphertext of one batch of replies) up to this
+/// size between batches; a larger one, left by a big READ reply, is freed.
+pub const TLS_SEND_BUFFER_KEEP_BYTES: usize = 4 << 20;
+
 const _: () = assert!(PAYLOAD_MAX_BYTES as usize <= INFLIGHT_BYTES_MAX);
 const _: () = assert!(PAYLOAD_MAX_BYTES as usize <= raid::buf::MAX_POOLED_BYTES);
 const _: () = assert!(BLOCK_PREFERRED_BYTES.is_multiple_of(BLOCK_MIN_BYTES));

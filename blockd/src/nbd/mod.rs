@@ -4,4 +4,6 @@ pub mod conn;
 pub mod handshake;
 pub mod limits;
 pub mod session;
+pub mod socket;
+pub mod tls;
 pub mod wire;
