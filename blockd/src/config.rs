@@ -99,8 +99,7 @@ pub struct Config {
     #[arg(long, value_name = "GROUP")]
     pub socket_group: Option<String>,
 
-    /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it. rustls warns about
-    /// every client that sends an IP address as its TLS server name, so only its errors.
-    #[arg(long, default_value = "info,rustls=error")]
+    /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
+    #[arg(long, default_value = "info")]
     pub log: String,
 }

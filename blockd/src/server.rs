@@ -60,6 +60,15 @@ pub fn run(config: Config) -> Result<(), StartupError> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log))
         .map_err(|e| StartupError::Config(format!("--log {:?}: {e}", config.log)))?;
+    // rustls warns about every client that sends an IP address as its TLS server name (qemu
+    // and libnbd do): keep its errors only, unless the filter names it.
+    let filter = match (
+        filter.to_string().contains("rustls"),
+        "rustls=error".parse(),
+    ) {
+        (false, Ok(directive)) => filter.add_directive(directive),
+        _ => filter,
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
