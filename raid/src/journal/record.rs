@@ -179,8 +179,12 @@ impl Checkpoint {
             u64_of(take(8)?)? as usize,
             u64_of(take(8)?)? as usize,
         );
-        if maps.checked_mul(12)? + dones.checked_mul(20)? + repairs.checked_mul(8)? + 24 != b.len()
-        {
+        let need = maps
+            .checked_mul(12)?
+            .checked_add(dones.checked_mul(20)?)?
+            .checked_add(repairs.checked_mul(8)?)?
+            .checked_add(24)?;
+        if need != b.len() {
             return None;
         }
         let mut c = Checkpoint::default();
@@ -449,6 +453,16 @@ mod tests {
         let mut long = b.clone();
         long.push(0);
         assert_eq!(Checkpoint::decode(&long), None);
+    }
+
+    #[test]
+    fn checkpoint_counts_whose_sizes_overflow_when_added_are_refused() {
+        // Each count times its entry size fits in a usize; their sum does not.
+        let mut b = Vec::new();
+        for n in [usize::MAX / 12, usize::MAX / 20, 0] {
+            b.extend_from_slice(&(n as u64).to_le_bytes());
+        }
+        assert_eq!(Checkpoint::decode(&b), None);
     }
 
     #[test]
