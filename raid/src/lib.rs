@@ -14,6 +14,8 @@
 pub mod buf;
 pub mod component;
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod journal;
 pub mod parity;
 pub mod protocol;

@@ -10,6 +10,8 @@
 pub mod api;
 pub mod catalog;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod manager;
 pub mod size;
 pub mod volume;

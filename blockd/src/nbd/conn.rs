@@ -188,7 +188,7 @@ fn writer_loop(
     Ok(())
 }
 
-fn read_request(r: &mut impl BufRead, extended: bool) -> io::Result<Option<Request>> {
+pub(crate) fn read_request(r: &mut impl BufRead, extended: bool) -> io::Result<Option<Request>> {
     let mut raw = [0u8; EXTENDED_REQUEST_BYTES];
     let size = if extended {
         EXTENDED_REQUEST_BYTES
@@ -232,7 +232,7 @@ fn read_request(r: &mut impl BufRead, extended: bool) -> io::Result<Option<Reque
 
 /// True when `buf` holds a whole request: its header and any payload it carries. Reading it
 /// then needs no `recv`, so cannot block.
-fn complete_request(buf: &[u8], extended: bool) -> bool {
+pub(crate) fn complete_request(buf: &[u8], extended: bool) -> bool {
     let (size, payload) = if extended {
         match ExtendedRequest::ref_from_prefix(buf) {
             Ok((h, _)) => {
@@ -261,7 +261,7 @@ fn complete_request(buf: &[u8], extended: bool) -> bool {
     (size as u64).saturating_add(payload) <= buf.len() as u64
 }
 
-fn drain(r: &mut impl Read, n: u64) -> io::Result<()> {
+pub(crate) fn drain(r: &mut impl Read, n: u64) -> io::Result<()> {
     let copied = io::copy(&mut r.take(n), &mut io::sink())?;
     if copied != n {
         return Err(io::Error::new(

@@ -15,10 +15,11 @@
 //! ```
 //!
 //! The header is checked (magic, version, header crc, reserved, known kind, body length
-//! within [`BODY_MAX_BYTES`]) before the body is read; then the body crc. Replay stops at the
-//! first record that fails any check, or whose sequence number does not follow the previous
-//! one: that is the torn tail of an interrupted append, or a stale record left from before
-//! the journal was rewritten, and everything from there on is discarded.
+//! within [`BODY_MAX_BYTES`], a sequence number below `u64::MAX`) before the body is read;
+//! then the body crc. Replay stops at the first record that fails any check, or whose
+//! sequence number does not follow the previous one: that is the torn tail of an interrupted
+//! append, or a stale record left from before the journal was rewritten, and everything from
+//! there on is discarded.
 
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
@@ -179,8 +180,12 @@ impl Checkpoint {
             u64_of(take(8)?)? as usize,
             u64_of(take(8)?)? as usize,
         );
-        if maps.checked_mul(12)? + dones.checked_mul(20)? + repairs.checked_mul(8)? + 24 != b.len()
-        {
+        let need = maps
+            .checked_mul(12)?
+            .checked_add(dones.checked_mul(20)?)?
+            .checked_add(repairs.checked_mul(8)?)?
+            .checked_add(24)?;
+        if need != b.len() {
             return None;
         }
         let mut c = Checkpoint::default();
@@ -341,7 +346,13 @@ pub fn replay(bytes: &[u8], first_seq: Option<u64>) -> Replay {
             return stop(records, at, Tail::BadHeaderCrc);
         }
         let len = h.body_len.get() as usize;
-        if h.version.get() != VERSION || h.reserved != [0; 4] || len > BODY_MAX_BYTES {
+        // A record at u64::MAX would leave the next one no sequence number: no journal gets
+        // there (appends count up from 0), so only a forged record can carry it.
+        if h.version.get() != VERSION
+            || h.reserved != [0; 4]
+            || len > BODY_MAX_BYTES
+            || h.seq.get() == u64::MAX
+        {
             return stop(records, at, Tail::BadHeader);
         }
         let Some(body) = bytes.get(at + HEADER_BYTES..at + HEADER_BYTES + len) else {
@@ -452,6 +463,16 @@ mod tests {
     }
 
     #[test]
+    fn checkpoint_counts_whose_sizes_overflow_when_added_are_refused() {
+        // Each count times its entry size fits in a usize; their sum does not.
+        let mut b = Vec::new();
+        for n in [usize::MAX / 12, usize::MAX / 20, 0] {
+            b.extend_from_slice(&(n as u64).to_le_bytes());
+        }
+        assert_eq!(Checkpoint::decode(&b), None);
+    }
+
+    #[test]
     fn round_trip() {
         let recs = sample(9);
         let bytes = encode_all(&recs);
@@ -496,6 +517,26 @@ mod tests {
                 assert_eq!(r.records[..], recs[..r.records.len()]);
             }
         }
+    }
+
+    #[test]
+    fn a_record_with_the_last_sequence_number_is_refused() {
+        let mut bytes = encode_all(&sample(1));
+        let good = bytes.len();
+        encode(
+            &Record {
+                seq: u64::MAX,
+                body: Body::Free(Free { loc: U64::new(1) }),
+            },
+            &mut bytes,
+        );
+        for first_seq in [None, Some(u64::MAX)] {
+            let r = replay(&bytes[good..], first_seq);
+            assert_eq!((r.records.len(), r.valid_len), (0, 0));
+            assert_eq!(r.discarded, Some(Tail::BadHeader));
+        }
+        let r = replay(&bytes, Some(100));
+        assert_eq!((r.records.len(), r.valid_len), (1, good));
     }
 
     #[test]
