@@ -15,13 +15,23 @@
 //! 64      ...   body: the catalog as JSON
 //! ```
 //!
-//! A store writes `catalog.tmp`, fsyncs it, renames it over `catalog`, and fsyncs the
-//! directory, so a crash leaves either the old or the new catalog. A catalog that fails any
-//! check (size, magic, version, either checksum, reserved bytes, JSON) is reported as corrupt
-//! and never silently replaced.
+//! A store writes `catalog.tmp` (mode `0600`), fsyncs it, renames it over `catalog`, and
+//! fsyncs the directory, so a crash leaves either the old or the new catalog. A failed store
+//! removes its temporary file, and load removes one a crash left behind. A catalog that fails
+//! any check (size, magic, version, either checksum, reserved bytes, JSON) is reported as
+//! corrupt and never silently replaced; what the records say is checked next, by
+//! [`crate::check`].
+//!
+//! Full filesystem: writing a new catalog needs free space, and deleting a volume (how an
+//! operator gets space back) must write one. So the store keeps `catalog.reserve`, a file of
+//! real zeros at least twice the catalog's size (and at least [`RESERVE_MIN_BYTES`]). A
+//! store that fails for lack of space (`ENOSPC`, `EDQUOT`) removes the reserve and tries once
+//! more; the reserve is rebuilt, best effort, after every store and by
+//! [`CatalogStore::replenish`] once the caller has freed space.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use raid::CacheMode;
@@ -34,6 +44,9 @@ const FORMAT_VERSION: u32 = 1;
 /// A catalog larger than this is refused: far beyond any sane number of volumes (about 50,000
 /// at ~300 bytes each), and it bounds what start-up reads into memory.
 pub const CATALOG_MAX_BYTES: u64 = 16 << 20;
+/// Smallest space reserve: room for a catalog of a few thousand volumes, and small enough to
+/// be lost in the noise of any data directory.
+pub const RESERVE_MIN_BYTES: u64 = 1 << 20;
 
 #[repr(C)]
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
@@ -130,6 +143,15 @@ pub enum CatalogError {
     },
     #[error("catalog is too large to store ({0} bytes, limit {CATALOG_MAX_BYTES})")]
     TooLarge(usize),
+    #[error("catalog {path} is invalid: {why}. Refusing to start; restore it from a backup")]
+    Invalid { path: PathBuf, why: String },
+    #[error("catalog {path} is missing but {} holds {count} volume file(s) (such as {example}). Refusing to start with an empty catalog, which would hide them: restore the catalog from a backup, or move the files out of that directory to start empty", dir.display())]
+    MissingWithVolumes {
+        path: PathBuf,
+        dir: PathBuf,
+        count: usize,
+        example: String,
+    },
 }
 
 /// Where the catalog lives.
@@ -137,20 +159,38 @@ pub trait CatalogStore: Send + Sync + std::fmt::Debug {
     /// The stored catalog, or `None` if none was ever stored.
     fn load(&self) -> Result<Option<Catalog>, CatalogError>;
     /// Replaces the stored catalog atomically; on success `catalog.generation` is the new one.
+    /// On failure the stored catalog is the old one and nothing temporary is left behind.
     fn store(&self, catalog: &mut Catalog) -> Result<(), CatalogError>;
+    /// Called after the caller freed space (a volume's file removed): rebuilds whatever the
+    /// store keeps to be able to write on a full filesystem. Best effort.
+    fn replenish(&self) {}
+    /// Where the catalog lives, for messages.
+    fn location(&self) -> PathBuf;
 }
 
 /// The catalog in a file in the data directory.
 #[derive(Debug)]
 pub struct LocalFileStore {
     path: PathBuf,
+    #[cfg(test)]
+    pub(crate) space: Option<std::sync::Arc<crate::catalog_space::SimSpace>>,
 }
 
 impl LocalFileStore {
     pub fn new(data_dir: &Path) -> LocalFileStore {
         LocalFileStore {
             path: data_dir.join("catalog"),
+            #[cfg(test)]
+            space: None,
         }
+    }
+
+    pub(crate) fn tmp_path(&self) -> PathBuf {
+        self.path.with_extension("tmp")
+    }
+
+    pub(crate) fn reserve_path(&self) -> PathBuf {
+        self.path.with_extension("reserve")
     }
 
     pub fn path(&self) -> &Path {
@@ -206,11 +246,14 @@ fn encode(catalog: &Catalog) -> Result<Vec<u8>, CatalogError> {
 
 impl CatalogStore for LocalFileStore {
     fn load(&self) -> Result<Option<Catalog>, CatalogError> {
+        self.remove_stale_tmp().map_err(|e| self.io_err(e))?;
         let file_len = match fs::metadata(&self.path) {
             Ok(meta) => meta.len(),
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(self.io_err(e)),
         };
+        crate::files::tighten(&self.path, crate::files::PRIVATE_FILE_MODE)
+            .map_err(|e| self.io_err(e))?;
         if file_len > CATALOG_MAX_BYTES + HEADER_BYTES as u64 {
             return Err(self.corrupt(format!("{file_len} bytes is larger than any catalog")));
         }
@@ -268,25 +311,140 @@ impl CatalogStore for LocalFileStore {
         let mut next = catalog.clone();
         next.generation += 1;
         let bytes = encode(&next)?;
-        let tmp = self.path.with_extension("tmp");
-        let write = || -> io::Result<()> {
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)?;
-            file.write_all(&bytes)?;
-            file.sync_all()?;
-            fs::rename(&tmp, &self.path)?;
-            if let Some(dir) = self.path.parent() {
-                File::open(dir)?.sync_all()?;
+        match self.write_replace(&bytes) {
+            Ok(()) => {}
+            Err(e) if is_out_of_space(&e) && self.release_reserve() => {
+                tracing::warn!(path = %self.path.display(),
+                    "filesystem full: released the catalog's space reserve to write the catalog");
+                self.write_replace(&bytes).map_err(|e| self.io_err(e))?;
             }
-            Ok(())
-        };
-        write().map_err(|e| self.io_err(e))?;
+            Err(e) => return Err(self.io_err(e)),
+        }
         catalog.generation = next.generation;
+        self.replenish();
         Ok(())
     }
+
+    fn replenish(&self) {
+        let catalog_bytes = fs::metadata(&self.path).map_or(0, |m| m.len());
+        let want = RESERVE_MIN_BYTES.max(catalog_bytes.saturating_mul(2));
+        if let Err(e) = self.fill_reserve(want) {
+            tracing::warn!(path = %self.reserve_path().display(), error = %e,
+                "cannot build the catalog's space reserve; a volume delete on a full filesystem may fail");
+        }
+    }
+
+    fn location(&self) -> PathBuf {
+        self.path.clone()
+    }
+}
+
+/// Whether `e` means the filesystem (or the user's quota) has no room left.
+pub(crate) fn is_out_of_space(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    )
+}
+
+impl LocalFileStore {
+    fn remove_stale_tmp(&self) -> io::Result<()> {
+        let tmp = self.tmp_path();
+        match fs::remove_file(&tmp) {
+            Ok(()) => {
+                tracing::info!(path = %tmp.display(), "removed a temporary catalog left by a crash");
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes `bytes` to the temporary file and renames it over the catalog; on failure the
+    /// temporary file is gone and the catalog is the old one.
+    fn write_replace(&self, bytes: &[u8]) -> io::Result<()> {
+        // A stale temporary file would keep its (maybe looser) mode: start from none.
+        self.remove_stale_tmp()?;
+        let tmp = self.tmp_path();
+        let result = (|| {
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(crate::files::PRIVATE_FILE_MODE)
+                .open(&tmp)?;
+            self.take_space(bytes.len() as u64)?;
+            file.write_all(bytes)?;
+            file.sync_all()?;
+            let old_len = fs::metadata(&self.path).map_or(0, |m| m.len());
+            fs::rename(&tmp, &self.path)?;
+            self.give_space(old_len);
+            match self.path.parent() {
+                Some(dir) => crate::files::sync_dir(dir),
+                None => Ok(()),
+            }
+        })();
+        if result.is_err() {
+            if let Ok(meta) = fs::metadata(&tmp) {
+                self.give_space(meta.len());
+            }
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// Removes the space reserve; whether there was one to remove.
+    fn release_reserve(&self) -> bool {
+        let path = self.reserve_path();
+        let len = fs::metadata(&path).map_or(0, |m| m.len());
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                self.give_space(len);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Grows the reserve to `want_bytes` of written zeros (written, not a hole, so that the
+    /// filesystem really holds the space for us).
+    fn fill_reserve(&self, want_bytes: u64) -> io::Result<()> {
+        const ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(crate::files::PRIVATE_FILE_MODE)
+            .open(self.reserve_path())?;
+        let mut len = file.metadata()?.len();
+        if len >= want_bytes {
+            return Ok(());
+        }
+        std::io::Seek::seek(&mut file, io::SeekFrom::Start(len))?;
+        while len < want_bytes {
+            let n = (want_bytes - len).min(ZEROS.len() as u64);
+            self.take_space(n)?;
+            file.write_all(&ZEROS[..n as usize])?;
+            len += n;
+        }
+        file.sync_all()
+    }
+
+    #[cfg(test)]
+    fn take_space(&self, bytes: u64) -> io::Result<()> {
+        self.space.as_ref().map_or(Ok(()), |s| s.take(bytes))
+    }
+    #[cfg(not(test))]
+    fn take_space(&self, _bytes: u64) -> io::Result<()> {
+        Ok(())
+    }
+    #[cfg(test)]
+    fn give_space(&self, bytes: u64) {
+        if let Some(s) = &self.space {
+            s.give(bytes);
+        }
+    }
+    #[cfg(not(test))]
+    fn give_space(&self, _bytes: u64) {}
 }
 
 #[cfg(test)]
