@@ -25,8 +25,9 @@
 //! Full filesystem: writing a new catalog needs free space, and deleting a volume (how an
 //! operator gets space back) must write one. So the store keeps `catalog.reserve`, a file of
 //! real zeros at least twice the catalog's size (and at least [`RESERVE_MIN_BYTES`]). A
-//! store that fails for lack of space (`ENOSPC`, `EDQUOT`) removes the reserve and tries once
-//! more; the reserve is rebuilt, best effort, after every store and by
+//! store for an operation that frees space ([`CatalogStore::store_to_free_space`]) that fails
+//! for lack of space (`ENOSPC`, `EDQUOT`) removes the reserve and tries once more (other
+//! stores never touch it, so a create cannot use up what a delete needs); the reserve is rebuilt, best effort, after every store and by
 //! [`CatalogStore::replenish`] once the caller has freed space.
 
 use std::fs::{self, OpenOptions};
@@ -161,6 +162,11 @@ pub trait CatalogStore: Send + Sync + std::fmt::Debug {
     /// Replaces the stored catalog atomically; on success `catalog.generation` is the new one.
     /// On failure the stored catalog is the old one and nothing temporary is left behind.
     fn store(&self, catalog: &mut Catalog) -> Result<(), CatalogError>;
+    /// [`CatalogStore::store`] for an operation that frees space (a volume delete): may use
+    /// space held back for it, so that it works on a full filesystem.
+    fn store_to_free_space(&self, catalog: &mut Catalog) -> Result<(), CatalogError> {
+        self.store(catalog)
+    }
     /// Called after the caller freed space (a volume's file removed): rebuilds whatever the
     /// store keeps to be able to write on a full filesystem. Best effort.
     fn replenish(&self) {}
@@ -308,21 +314,11 @@ impl CatalogStore for LocalFileStore {
     }
 
     fn store(&self, catalog: &mut Catalog) -> Result<(), CatalogError> {
-        let mut next = catalog.clone();
-        next.generation += 1;
-        let bytes = encode(&next)?;
-        match self.write_replace(&bytes) {
-            Ok(()) => {}
-            Err(e) if is_out_of_space(&e) && self.release_reserve() => {
-                tracing::warn!(path = %self.path.display(),
-                    "filesystem full: released the catalog's space reserve to write the catalog");
-                self.write_replace(&bytes).map_err(|e| self.io_err(e))?;
-            }
-            Err(e) => return Err(self.io_err(e)),
-        }
-        catalog.generation = next.generation;
-        self.replenish();
-        Ok(())
+        self.store_with(catalog, false)
+    }
+
+    fn store_to_free_space(&self, catalog: &mut Catalog) -> Result<(), CatalogError> {
+        self.store_with(catalog, true)
     }
 
     fn replenish(&self) {
@@ -348,6 +344,26 @@ pub(crate) fn is_out_of_space(e: &io::Error) -> bool {
 }
 
 impl LocalFileStore {
+    /// Stores `catalog`; `may_use_reserve` only for operations that free space, so that the
+    /// reserve is still there when a delete needs it.
+    fn store_with(&self, catalog: &mut Catalog, may_use_reserve: bool) -> Result<(), CatalogError> {
+        let mut next = catalog.clone();
+        next.generation += 1;
+        let bytes = encode(&next)?;
+        match self.write_replace(&bytes) {
+            Ok(()) => {}
+            Err(e) if may_use_reserve && is_out_of_space(&e) && self.release_reserve() => {
+                tracing::warn!(path = %self.path.display(),
+                    "filesystem full: released the catalog's space reserve to write the catalog");
+                self.write_replace(&bytes).map_err(|e| self.io_err(e))?;
+            }
+            Err(e) => return Err(self.io_err(e)),
+        }
+        catalog.generation = next.generation;
+        self.replenish();
+        Ok(())
+    }
+
     fn remove_stale_tmp(&self) -> io::Result<()> {
         let tmp = self.tmp_path();
         match fs::remove_file(&tmp) {
@@ -522,6 +538,66 @@ mod tests {
                 "truncation to {len} not caught"
             );
         }
+        fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn files_are_private_whatever_the_umask_and_no_temp_file_stays() {
+        use std::os::unix::fs::PermissionsExt;
+        let (dir, store) = temp_store();
+        // A temporary file a crash left, world-readable: load removes it.
+        fs::write(store.tmp_path(), b"torn").unwrap();
+        fs::set_permissions(store.tmp_path(), fs::Permissions::from_mode(0o666)).unwrap();
+        assert!(store.load().unwrap().is_none());
+        assert!(!store.tmp_path().exists());
+        let mut cat = sample();
+        store.store(&mut cat).unwrap();
+        for path in [store.path().to_path_buf(), store.reserve_path()] {
+            let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", path.display());
+        }
+        assert!(fs::metadata(store.reserve_path()).unwrap().len() >= RESERVE_MIN_BYTES);
+        // A catalog left readable by others is made private on load.
+        fs::set_permissions(store.path(), fs::Permissions::from_mode(0o644)).unwrap();
+        store.load().unwrap();
+        let mode = fs::metadata(store.path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn a_full_filesystem_uses_the_reserve_and_a_failed_store_leaves_nothing() {
+        let (dir, mut store) = temp_store();
+        let mut cat = sample();
+        store.store(&mut cat).unwrap();
+        let reserve = fs::metadata(store.reserve_path()).unwrap().len();
+        // Now the filesystem is 100% full.
+        let space = std::sync::Arc::new(crate::catalog_space::SimSpace::new(0));
+        store.space = Some(space.clone());
+        cat.volumes.clear();
+        // An ordinary store (a create) fails and leaves the reserve alone...
+        let err = store.store(&mut cat.clone()).unwrap_err();
+        assert!(err.to_string().contains("No space left"), "{err}");
+        assert_eq!(fs::metadata(store.reserve_path()).unwrap().len(), reserve);
+        // ...a delete's store uses it.
+        store.store_to_free_space(&mut cat).unwrap();
+        assert_eq!(store.load().unwrap().unwrap(), cat);
+        assert!(!store.tmp_path().exists());
+        // The reserve paid for the catalog; rebuilding it fails quietly while full.
+        assert!(space.free_bytes() < reserve);
+        // With no reserve left a store fails cleanly: old catalog kept, no temp file.
+        space.set_free(0);
+        let _ = fs::remove_file(store.reserve_path());
+        let before = cat.clone();
+        let err = store.store_to_free_space(&mut cat).unwrap_err();
+        assert!(err.to_string().contains("No space left"), "{err}");
+        assert_eq!(cat, before);
+        assert_eq!(store.load().unwrap().unwrap(), before);
+        assert!(!store.tmp_path().exists());
+        // Space freed (a volume's file removed): replenish rebuilds the reserve.
+        space.set_free(64 << 20);
+        store.replenish();
+        assert!(fs::metadata(store.reserve_path()).unwrap().len() >= RESERVE_MIN_BYTES);
         fs::remove_dir_all(dir).ok();
     }
 }

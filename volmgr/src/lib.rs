@@ -18,6 +18,8 @@ pub mod check;
 pub mod error;
 pub mod files;
 pub mod manager;
+#[cfg(test)]
+mod manager_tests;
 pub mod ops;
 pub mod size;
 pub mod volume;

@@ -344,11 +344,28 @@ impl VolumeManager {
         }
     }
 
-    pub(crate) async fn persist(&self, mut catalog: Catalog) -> Result<Catalog, Error> {
+    pub(crate) async fn persist(&self, catalog: Catalog) -> Result<Catalog, Error> {
+        self.persist_with(catalog, false).await
+    }
+
+    /// [`VolumeManager::persist`] for an operation that frees space (may use the store's
+    /// reserve on a full filesystem).
+    pub(crate) async fn persist_freeing(&self, catalog: Catalog) -> Result<Catalog, Error> {
+        self.persist_with(catalog, true).await
+    }
+
+    async fn persist_with(&self, mut catalog: Catalog, frees: bool) -> Result<Catalog, Error> {
         let store = Arc::clone(&self.store);
-        tokio::task::spawn_blocking(move || store.store(&mut catalog).map(|()| catalog))
-            .await
-            .map_err(|e| Error::io("catalog writer", io::Error::other(e.to_string())))?
-            .map_err(Error::from)
+        tokio::task::spawn_blocking(move || {
+            if frees {
+                store.store_to_free_space(&mut catalog)
+            } else {
+                store.store(&mut catalog)
+            }
+            .map(|()| catalog)
+        })
+        .await
+        .map_err(|e| Error::io("catalog writer", io::Error::other(e.to_string())))?
+        .map_err(Error::from)
     }
 }

@@ -237,7 +237,7 @@ impl VolumeManager {
             .into_iter()
             .filter(|f| files::is_plain_file_name(f) && !still_used.contains(f))
             .collect();
-        let catalog = self.persist(catalog).await?;
+        let catalog = self.persist_freeing(catalog).await?;
         {
             let mut inner = self.inner();
             inner.catalog = catalog;
