@@ -12,8 +12,6 @@
 
 pub mod api;
 pub mod catalog;
-#[cfg(test)]
-pub(crate) mod catalog_space;
 pub mod check;
 pub mod error;
 pub mod files;

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use raid::{CacheMode, DeviceEngine, EnginePreference};
 
 use crate::api::VolumeState;
+use crate::catalog::space::SimSpace;
 use crate::catalog::{Catalog, CatalogError, CatalogStore, LocalFileStore};
-use crate::catalog_space::SimSpace;
 use crate::files::tests::temp_dir;
 use crate::{ManagerConfig, VolumeManager};
 
