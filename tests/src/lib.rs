@@ -308,7 +308,8 @@ impl Drop for Daemon {
     }
 }
 
-/// The component file of volume `id` in `data_dir` (names carry a random part).
+/// The component file of volume `id` in `data_dir` (names carry a random part; an older
+/// blockd's `vol-<id>.data` is found too).
 pub fn volume_file(data_dir: &Path, id: u64) -> PathBuf {
     let prefix = format!("vol-{id}-");
     let dir = data_dir.join("volumes");
@@ -318,7 +319,7 @@ pub fn volume_file(data_dir: &Path, id: u64) -> PathBuf {
         .filter(|p| {
             p.file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&prefix))
+                .is_some_and(|n| n.starts_with(&prefix) || n == format!("vol-{id}.data"))
         })
         .collect();
     assert_eq!(
