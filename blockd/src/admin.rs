@@ -11,7 +11,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
-use volmgr::api::{ApiError, CreateVolume, ResizeVolume, StatusInfo, VolumeInfo};
+use volmgr::api::{ApiError, CreateVolume, OrphanInfo, ResizeVolume, StatusInfo, VolumeInfo};
 use volmgr::{ErrorKind, VolumeManager};
 
 #[derive(Clone)]
@@ -52,6 +52,8 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/volumes", get(list).post(create))
         .route("/v1/volumes/{name}", get(show).delete(delete))
         .route("/v1/volumes/{name}/resize", post(resize))
+        .route("/v1/orphans", get(orphans))
+        .route("/v1/orphans/{file}", axum::routing::delete(remove_orphan))
         .route("/metrics", get(metrics))
         .fallback(|| async {
             ApiFailure(
@@ -64,6 +66,12 @@ pub fn router(state: AdminState) -> Router {
 
 async fn status(State(st): State<AdminState>) -> Json<StatusInfo> {
     let volumes = st.mgr.list();
+    let unavailable = st.mgr.unavailable_count();
+    // Status must answer even when the volumes directory cannot be listed.
+    let orphans = st.mgr.orphans().await.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "cannot list orphan files");
+        Vec::new()
+    });
     Json(StatusInfo {
         version: env!("CARGO_PKG_VERSION").to_string(),
         uptime_seconds: st.started.elapsed().as_secs(),
@@ -71,32 +79,36 @@ async fn status(State(st): State<AdminState>) -> Json<StatusInfo> {
         engine: st.mgr.engine().kind().to_string(),
         nbd_tcp: st.nbd_tcp.clone(),
         nbd_unix: st.nbd_unix.clone(),
-        volumes: volumes.len(),
+        volumes: volumes.len() + unavailable,
         connections: volumes.iter().map(|v| v.connections()).sum(),
         catalog_generation: st.mgr.catalog_generation(),
+        unavailable,
+        orphans,
     })
 }
 
 async fn list(State(st): State<AdminState>) -> Json<Vec<VolumeInfo>> {
-    Json(
-        st.mgr
-            .list()
-            .iter()
-            .map(|v| VolumeManager::info(v))
-            .collect(),
-    )
+    Json(st.mgr.infos())
 }
 
 async fn show(
     State(st): State<AdminState>,
     Path(name): Path<String>,
 ) -> Result<Json<VolumeInfo>, ApiFailure> {
-    let volume = st
-        .mgr
-        .lookup(&name)
-        .filter(|_| !name.is_empty())
-        .ok_or(volmgr::Error::NotFound(name))?;
-    Ok(Json(VolumeManager::info(&volume)))
+    Ok(Json(st.mgr.info_of(&name)?))
+}
+
+async fn orphans(State(st): State<AdminState>) -> Result<Json<Vec<OrphanInfo>>, ApiFailure> {
+    Ok(Json(st.mgr.orphans().await?))
+}
+
+async fn remove_orphan(
+    State(st): State<AdminState>,
+    Path(file): Path<String>,
+) -> Result<StatusCode, ApiFailure> {
+    st.mgr.remove_orphan(&file).await?;
+    tracing::info!(file = %file, "orphan file removed");
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn create(

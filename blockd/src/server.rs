@@ -10,7 +10,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -87,7 +87,8 @@ pub fn run(config: Config) -> Result<(), StartupError> {
 }
 
 fn lock_data_dir(dir: &Path) -> Result<File, StartupError> {
-    std::fs::create_dir_all(dir).map_err(io_ctx(format!(
+    // Owner-only whatever the umask (volume files and the catalog live here).
+    volmgr::files::ensure_private_dir(dir).map_err(io_ctx(format!(
         "cannot create data directory {}",
         dir.display()
     )))?;
@@ -96,6 +97,7 @@ fn lock_data_dir(dir: &Path) -> Result<File, StartupError> {
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(volmgr::files::PRIVATE_FILE_MODE)
         .open(&path)
         .map_err(io_ctx(format!("cannot open {}", path.display())))?;
     // flock via std (stable since 1.89): released when the process exits, however it exits.
@@ -186,6 +188,9 @@ async fn serve(config: Config) -> Result<(), StartupError> {
                 )
             }
             Some(_) => {}
+            None if mgr.unavailable(name).is_some() => {
+                tracing::warn!(volume = name, "volume is unavailable; not re-created")
+            }
             None => {
                 mgr.create(name, size, false, None).await?;
                 tracing::info!(volume = name, size, "volume created");

@@ -76,7 +76,28 @@ pub struct Daemon {
     child: Option<Child>,
     pub data_dir: PathBuf,
     pub port: u16,
+    /// The loopback address blockd's NBD listener is on.
+    pub host: String,
     log: PathBuf,
+}
+
+/// How to start a daemon, beyond its arguments.
+#[derive(Debug, Clone, Copy)]
+pub struct Launch<'a> {
+    /// Loopback address for the NBD listener (give each test server its own 127.0.0.x).
+    pub host: &'a str,
+    /// Shell commands run before blockd is exec'd in the same shell (`umask 000`,
+    /// `ulimit -f N`, `trap '' XFSZ`), so blockd inherits what they set.
+    pub shell: Option<&'a str>,
+}
+
+impl Default for Launch<'_> {
+    fn default() -> Self {
+        Launch {
+            host: "127.0.0.1",
+            shell: None,
+        }
+    }
 }
 
 impl Daemon {
@@ -87,24 +108,39 @@ impl Daemon {
 
     /// Starts blockd on `data_dir` (which may hold an earlier daemon's catalog).
     pub fn start_in(data_dir: PathBuf, args: &[&str]) -> Daemon {
+        Self::launch(data_dir, Launch::default(), args)
+    }
+
+    /// Starts blockd on `data_dir` as `how` says.
+    pub fn launch(data_dir: PathBuf, how: Launch<'_>, args: &[&str]) -> Daemon {
         let log = data_dir.with_extension("log");
-        let child = Self::spawn(&data_dir, &log, args);
+        let child = Self::spawn(&data_dir, &log, how, args);
         let mut d = Daemon {
             child: Some(child),
             data_dir,
             port: 0,
+            host: how.host.to_string(),
             log,
         };
         d.wait_ready();
         d
     }
 
-    fn spawn(data_dir: &Path, log: &Path, args: &[&str]) -> Child {
+    fn spawn(data_dir: &Path, log: &Path, how: Launch<'_>, args: &[&str]) -> Child {
         let logfile = std::fs::File::create(log).unwrap();
-        Command::new(bin("blockd"))
-            .arg("--data-dir")
+        let mut cmd = match how.shell {
+            None => Command::new(bin("blockd")),
+            Some(prefix) => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg(format!("{prefix}; exec \"$0\" \"$@\""))
+                    .arg(bin("blockd"));
+                sh
+            }
+        };
+        cmd.arg("--data-dir")
             .arg(data_dir)
-            .args(["--listen", "127.0.0.1:0", "--log", "info"])
+            .args(["--listen", &format!("{}:0", how.host), "--log", "info"])
             .args(args)
             .env_remove("RUST_LOG")
             .stdout(Stdio::null())
@@ -116,7 +152,7 @@ impl Daemon {
     /// Starts blockd expecting it to fail; returns its exit status and log.
     pub fn start_failing(data_dir: &Path, args: &[&str]) -> (std::process::ExitStatus, String) {
         let log = data_dir.with_extension("fail.log");
-        let mut child = Self::spawn(data_dir, &log, args);
+        let mut child = Self::spawn(data_dir, &log, Launch::default(), args);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
@@ -166,7 +202,25 @@ impl Daemon {
     }
 
     pub fn uri(&self, volume: &str) -> String {
-        format!("nbd://127.0.0.1:{}/{volume}", self.port)
+        format!("nbd://{}:{}/{volume}", self.host, self.port)
+    }
+
+    /// Kills blockd with SIGKILL (by its PID) as a crash would, waits for it, and returns
+    /// its data directory, left as the crash left it.
+    pub fn kill9(mut self) -> PathBuf {
+        let mut child = self.child.take().expect("already stopped");
+        let _ = Command::new("kill")
+            .args(["-KILL", &child.id().to_string()])
+            .status();
+        let _ = child.wait();
+        let dir = self.data_dir.clone();
+        std::mem::forget(self);
+        dir
+    }
+
+    /// The component file of the volume with catalog id `id` (`volumes/vol-<id>-<random>.data`).
+    pub fn volume_file(&self, id: u64) -> PathBuf {
+        volume_file(&self.data_dir, id)
     }
 
     pub fn unix_uri(&self, volume: &str) -> String {
@@ -254,6 +308,29 @@ impl Drop for Daemon {
             let _ = std::fs::remove_file(&self.log);
         }
     }
+}
+
+/// The component file of volume `id` in `data_dir` (names carry a random part; an older
+/// blockd's `vol-<id>.data` is found too).
+pub fn volume_file(data_dir: &Path, id: u64) -> PathBuf {
+    let prefix = format!("vol-{id}-");
+    let dir = data_dir.join("volumes");
+    let found: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&prefix) || n == format!("vol-{id}.data"))
+        })
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "volume {id}'s file in {}: {found:?}",
+        dir.display()
+    );
+    found[0].clone()
 }
 
 /// `nbdsh` under Debian's python3 (the first `python3` on PATH may lack the nbd module).

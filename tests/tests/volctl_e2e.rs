@@ -155,7 +155,7 @@ fn second_daemon_on_the_same_data_dir_is_refused() {
 #[test]
 fn sigterm_finishes_in_flight_writes_and_flushes() {
     let mut d = Daemon::start(&["--volume", "v=64M"]);
-    let file = d.data_dir.join("volumes").join("vol-1.data");
+    let file = d.volume_file(1);
     // Queue writes, SIGTERM the daemon while they are in flight, and collect which ones were
     // answered with success: each of those must be on disk after the daemon exits.
     let out = tests::python("sigterm_writes.py", &[&d.uri("v"), &d.pid().to_string()]);

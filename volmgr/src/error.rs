@@ -3,6 +3,7 @@
 use std::io;
 
 use crate::catalog::CatalogError;
+use crate::files::CreateFileError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -14,6 +15,16 @@ pub enum Error {
     Invalid(String),
     #[error("volume {name:?} has {connections} connected client(s); disconnect them first or use --force")]
     Busy { name: String, connections: usize },
+    #[error("volume {name:?} is unavailable: {reason}")]
+    Unavailable { name: String, reason: String },
+    #[error("no orphan file {0:?} in the volumes directory (volctl orphans list)")]
+    NoOrphan(String),
+    #[error("volume {name:?}: {source}")]
+    CreateFile {
+        name: String,
+        #[source]
+        source: CreateFileError,
+    },
     #[error(transparent)]
     Catalog(#[from] CatalogError),
     #[error("{context}: {source}")]
@@ -40,10 +51,15 @@ pub enum ErrorKind {
 impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::NotFound(_) => ErrorKind::NotFound,
-            Error::Exists(_) | Error::Busy { .. } => ErrorKind::Conflict,
+            Error::NotFound(_) | Error::NoOrphan(_) => ErrorKind::NotFound,
+            Error::Exists(_) | Error::Busy { .. } | Error::Unavailable { .. } => {
+                ErrorKind::Conflict
+            }
             Error::Invalid(_) => ErrorKind::Invalid,
-            Error::Catalog(_) | Error::Io { .. } => ErrorKind::Internal,
+            // A size the filesystem cannot hold is the request's fault, not the node's.
+            Error::CreateFile { source, .. } if too_large(&source.source) => ErrorKind::Invalid,
+            Error::Io { source, .. } if too_large(source) => ErrorKind::Invalid,
+            Error::Catalog(_) | Error::Io { .. } | Error::CreateFile { .. } => ErrorKind::Internal,
         }
     }
 
@@ -53,4 +69,8 @@ impl Error {
             source,
         }
     }
+}
+
+fn too_large(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::FileTooLarge
 }

@@ -1,7 +1,10 @@
 //! `volmgr`: the volume manager.
 //!
 //! - [`catalog`]: catalog types and the crc32c-checked, atomically replaced local store;
-//! - [`manager`]: the node's volumes and the admin operations on them;
+//! - [`check`]: what catalog records may say, checked as the catalog is read;
+//! - [`files`]: the data directory's files: private modes, component files, orphans;
+//! - [`manager`]: the node's volumes, opened one by one (a bad one is unavailable, not fatal);
+//! - [`ops`]: the admin operations (create, resize, delete, orphans), crash-ordered;
 //! - [`volume`]: an open volume, its layout resolved onto components;
 //! - [`api`]: admin API types shared by `blockd` and `volctl`;
 //! - [`size`]: operator-friendly byte sizes.
@@ -9,10 +12,15 @@
 
 pub mod api;
 pub mod catalog;
+pub mod check;
 pub mod error;
+pub mod files;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod manager;
+#[cfg(test)]
+mod manager_tests;
+pub mod ops;
 pub mod size;
 pub mod volume;
 

@@ -1,35 +1,50 @@
 //! The volume manager of one node: the catalog, the open volumes, and the admin operations.
 //!
-//! Admin operations (create, resize, delete) are serialised by one async lock and each
-//! persists the catalog before it takes effect in memory, so what a client can see is always
-//! what a restart would find. Lookups from NBD handshakes take only a short synchronous lock.
+//! Admin operations (create, resize, delete, orphan removal; in [`crate::ops`]) are
+//! serialised by one async lock and each persists the catalog before it takes effect in
+//! memory, so what a client can see is always what a restart would find. Lookups from NBD
+//! handshakes take only a short synchronous lock.
+//!
+//! Start-up ([`VolumeManager::open`]) makes the data directory private, loads the catalog,
+//! checks its records ([`crate::check`]), and opens each volume on its own: a volume whose
+//! record is invalid or whose file is missing, a symlink, unreadable or shorter than the
+//! volume is *unavailable* (listed with the reason; its export refuses clients with it), and
+//! every other volume is served. A file longer than its volume (a resize interrupted between
+//! growing the file and recording the size) is cut back to the recorded size: no client was
+//! ever told about the extra bytes. A missing catalog next to volume files refuses start-up
+//! rather than hide them behind an empty catalog.
 
 use std::collections::BTreeMap;
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use raid::{CacheMode, Component, DeviceEngine};
 
-use crate::api::VolumeInfo;
-use crate::catalog::{Catalog, CatalogStore, ComponentRecord, DeviceRecord, Layout, VolumeRecord};
+use crate::api::{VolumeInfo, VolumeState};
+use crate::catalog::{Catalog, CatalogError, CatalogStore, DeviceRecord, VolumeRecord};
+use crate::check::{self, LOCAL_DEVICE};
 use crate::error::Error;
+use crate::files;
 use crate::volume::Volume;
 
-/// Volume sizes are whole 512-byte sectors: the NBD minimum block size we advertise, and what
-/// every client (the Linux kernel above all) assumes.
-pub const SECTOR_BYTES: u64 = 512;
-/// Largest volume: 1 PiB. Keeps every offset far inside `i64` (what `lseek`/`fallocate` take)
-/// and is above what one local filesystem file can hold anyway.
-pub const VOLUME_MAX_BYTES: u64 = 1 << 50;
-/// Longest volume name, in bytes; names are also NBD export names (which allow 4096).
-pub const VOLUME_NAME_MAX: usize = 64;
-const LOCAL_DEVICE: u32 = 0;
+pub use crate::check::{
+    validate_name, validate_size, SECTOR_BYTES, VOLUME_MAX_BYTES, VOLUME_NAME_MAX,
+};
+
+/// A catalog volume that is not served, and why.
+#[derive(Debug, Clone)]
+pub(crate) struct Unavailable {
+    pub(crate) record: VolumeRecord,
+    pub(crate) reason: String,
+}
 
 #[derive(Debug)]
-struct Inner {
-    catalog: Catalog,
-    volumes: BTreeMap<String, Arc<Volume>>,
+pub(crate) struct Inner {
+    pub(crate) catalog: Catalog,
+    pub(crate) volumes: BTreeMap<String, Arc<Volume>>,
+    pub(crate) unavailable: BTreeMap<String, Unavailable>,
 }
 
 /// Settings the daemon passes in.
@@ -44,71 +59,45 @@ pub struct ManagerConfig {
 
 #[derive(Debug)]
 pub struct VolumeManager {
-    config: ManagerConfig,
-    store: Arc<dyn CatalogStore>,
-    engine: DeviceEngine,
-    inner: Mutex<Inner>,
-    admin: tokio::sync::Mutex<()>,
+    pub(crate) config: ManagerConfig,
+    pub(crate) store: Arc<dyn CatalogStore>,
+    pub(crate) engine: DeviceEngine,
+    pub(crate) inner: Mutex<Inner>,
+    pub(crate) admin: tokio::sync::Mutex<()>,
 }
 
-/// Checks a volume name: 1 to 64 bytes of `A-Z a-z 0-9 . _ -`, starting with a letter or digit.
-pub fn validate_name(name: &str) -> Result<(), Error> {
-    let ok_start = name
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_alphanumeric());
-    let ok_chars = name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if name.is_empty() || name.len() > VOLUME_NAME_MAX || !ok_start || !ok_chars {
-        return Err(Error::Invalid(format!(
-            "invalid volume name {name:?}: use 1 to {VOLUME_NAME_MAX} letters, digits, '.', '_' or '-', starting with a letter or digit"
-        )));
+/// Refuses to start from an empty catalog when the volumes directory holds files.
+fn refuse_hidden_volumes(dir: &Path, catalog: PathBuf) -> Result<(), Error> {
+    let entries = files::scan_orphans(dir, &|_| false)
+        .map_err(|e| Error::io(format!("cannot list {}", dir.display()), e))?;
+    match entries.first() {
+        None => Ok(()),
+        Some(first) => Err(Error::Catalog(CatalogError::MissingWithVolumes {
+            path: catalog,
+            dir: dir.to_path_buf(),
+            count: entries.len(),
+            example: first.file.clone(),
+        })),
     }
-    Ok(())
-}
-
-/// Checks a volume size.
-pub fn validate_size(size_bytes: u64) -> Result<(), Error> {
-    if size_bytes == 0 {
-        return Err(Error::Invalid(
-            "volume size must be greater than zero".into(),
-        ));
-    }
-    if !size_bytes.is_multiple_of(SECTOR_BYTES) {
-        return Err(Error::Invalid(format!(
-            "volume size {size_bytes} is not a multiple of {SECTOR_BYTES} bytes; round it to {}",
-            size_bytes.div_ceil(SECTOR_BYTES) * SECTOR_BYTES
-        )));
-    }
-    if size_bytes > VOLUME_MAX_BYTES {
-        return Err(Error::Invalid(format!(
-            "volume size {size_bytes} exceeds the limit of {VOLUME_MAX_BYTES} bytes (1 PiB)"
-        )));
-    }
-    Ok(())
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 impl VolumeManager {
-    /// Opens the data directory: loads (or creates) the catalog and opens every volume.
+    /// Opens the data directory: loads (or creates) the catalog and opens every volume that
+    /// can be opened; the others are listed as unavailable with their reason.
     pub fn open(
         config: ManagerConfig,
         store: Arc<dyn CatalogStore>,
         engine: DeviceEngine,
     ) -> Result<VolumeManager, Error> {
         let dir = config.data_dir.join("volumes");
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+        for d in [&config.data_dir, &dir] {
+            files::ensure_private_dir(d)
+                .map_err(|e| Error::io(format!("cannot create {}", d.display()), e))?;
+        }
         let mut catalog = match store.load()? {
             Some(catalog) => catalog,
             None => {
+                refuse_hidden_volumes(&dir, store.location())?;
                 let mut fresh = Catalog {
                     generation: 0,
                     next_volume_id: 1,
@@ -124,39 +113,101 @@ impl VolumeManager {
             }
         };
         catalog.volumes.sort_by(|a, b| a.name.cmp(&b.name));
+        let bad = check::check_catalog(&mut catalog).map_err(|why| CatalogError::Invalid {
+            path: store.location(),
+            why,
+        })?;
         let mut volumes = BTreeMap::new();
-        for rec in &catalog.volumes {
-            let volume = Self::open_volume(&engine, &dir, rec)?;
-            volumes.insert(rec.name.clone(), Arc::new(volume));
+        let mut unavailable: BTreeMap<String, Unavailable> = BTreeMap::new();
+        for (i, rec) in catalog.volumes.iter().enumerate() {
+            let opened = match bad.get(&i) {
+                Some(why) => Err(why.clone()),
+                None => Self::open_volume(&engine, &dir, rec),
+            };
+            match opened {
+                Ok(volume) => {
+                    volumes.insert(rec.name.clone(), Arc::new(volume));
+                }
+                Err(reason) => {
+                    tracing::error!(volume = %rec.name, id = rec.id, %reason,
+                        "volume unavailable; every other volume is served");
+                    // Two records with one name: the first keeps the entry (both have the
+                    // same "named twice" reason).
+                    unavailable.entry(rec.name.clone()).or_insert(Unavailable {
+                        record: rec.clone(),
+                        reason,
+                    });
+                }
+            }
         }
+        store.replenish();
         Ok(VolumeManager {
             config,
             store,
             engine,
-            inner: Mutex::new(Inner { catalog, volumes }),
+            inner: Mutex::new(Inner {
+                catalog,
+                volumes,
+                unavailable,
+            }),
             admin: tokio::sync::Mutex::new(()),
         })
     }
 
-    fn open_volume(engine: &DeviceEngine, dir: &Path, rec: &VolumeRecord) -> Result<Volume, Error> {
+    /// Opens a checked record's volume, or says why it cannot be served.
+    pub(crate) fn open_volume(
+        engine: &DeviceEngine,
+        dir: &Path,
+        rec: &VolumeRecord,
+    ) -> Result<Volume, String> {
         let [component] = rec.components.as_slice() else {
-            return Err(Error::Invalid(format!(
-                "volume {:?} has {} components; a plain volume has exactly one",
-                rec.name,
+            return Err(format!(
+                "{} components; a plain volume has exactly one",
                 rec.components.len()
-            )));
+            ));
         };
         let path = dir.join(&component.file);
-        let part = Component::open(engine.clone(), &path, rec.cache).map_err(|e| {
-            Error::io(
-                format!(
-                    "volume {:?}: cannot open component {}",
-                    rec.name,
-                    path.display()
-                ),
-                e,
-            )
-        })?;
+        let file = &component.file;
+        let meta = match fs::symlink_metadata(&path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(format!("its file {file} is missing from {}", dir.display()))
+            }
+            Err(e) => return Err(format!("cannot inspect its file {file}: {e}")),
+        };
+        let kind = meta.file_type();
+        if kind.is_symlink() {
+            return Err(format!(
+                "its file {file} is a symlink; blockd does not follow links out of the data directory"
+            ));
+        }
+        if !kind.is_file() {
+            return Err(format!("its file {file} is not a regular file"));
+        }
+        if meta.len() < rec.size_bytes {
+            return Err(format!(
+                "its file {file} is {} bytes but the volume is {} bytes: the file was cut short or replaced",
+                meta.len(),
+                rec.size_bytes
+            ));
+        }
+        if meta.len() > rec.size_bytes {
+            // A resize that grew the file and then failed (or was killed) before the catalog
+            // recorded it: nothing beyond the recorded size was ever served.
+            fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.set_len(rec.size_bytes).and_then(|()| f.sync_all()))
+                .map_err(|e| {
+                    format!("its file {file} is longer than the volume and cannot be cut back: {e}")
+                })?;
+            tracing::warn!(volume = %rec.name, file = %file, from = meta.len(), to = rec.size_bytes,
+                "file was longer than its volume (an interrupted resize); cut back to the recorded size");
+        }
+        files::tighten(&path, files::PRIVATE_FILE_MODE)
+            .map_err(|e| format!("cannot make its file {file} private: {e}"))?;
+        let part = Component::open(engine.clone(), &path, rec.cache)
+            .map_err(|e| format!("cannot open its file {file}: {e}"))?;
         Ok(Volume::new(
             rec.id,
             rec.name.clone(),
@@ -168,13 +219,13 @@ impl VolumeManager {
         ))
     }
 
-    fn inner(&self) -> MutexGuard<'_, Inner> {
+    pub(crate) fn inner(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding this lock cannot leave `Inner` half-updated (every update is
         // a single insert/remove after persistence), so a poisoned lock is still consistent.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn volumes_dir(&self) -> PathBuf {
+    pub(crate) fn volumes_dir(&self) -> PathBuf {
         self.config.data_dir.join("volumes")
     }
 
@@ -190,22 +241,75 @@ impl VolumeManager {
         self.inner().catalog.generation
     }
 
-    /// The volume called `name`; the empty name is the default export.
+    /// The name the empty export name stands for, if any.
+    fn default_name(&self, inner: &Inner) -> Option<String> {
+        if let Some(default) = &self.config.default_volume {
+            return Some(default.clone());
+        }
+        // "The only volume" counts unavailable ones: with two volumes, one of them broken,
+        // the empty name must not silently attach a client to the other.
+        let mut names = inner.volumes.keys().chain(inner.unavailable.keys());
+        match (names.next(), names.next()) {
+            (Some(only), None) => Some(only.clone()),
+            _ => None,
+        }
+    }
+
+    /// The served volume called `name`; the empty name is the default export. `None` for an
+    /// unknown or unavailable volume (see [`VolumeManager::unavailable`] for which).
     pub fn lookup(&self, name: &str) -> Option<Arc<Volume>> {
         let inner = self.inner();
         if name.is_empty() {
-            return match &self.config.default_volume {
-                Some(default) => inner.volumes.get(default).cloned(),
-                None if inner.volumes.len() == 1 => inner.volumes.values().next().cloned(),
-                None => None,
-            };
+            let default = self.default_name(&inner)?;
+            return inner.volumes.get(&default).cloned();
         }
         inner.volumes.get(name).cloned()
     }
 
-    /// Every volume, by name.
+    /// Why the volume called `name` (the empty name: the default export) is in the catalog
+    /// but not served; `None` if it is served or unknown. For an NBD server's refusal.
+    pub fn unavailable(&self, name: &str) -> Option<String> {
+        let inner = self.inner();
+        let name = match name {
+            "" => self.default_name(&inner)?,
+            name => name.to_string(),
+        };
+        inner.unavailable.get(&name).map(|u| u.reason.clone())
+    }
+
+    /// Every served volume, by name.
     pub fn list(&self) -> Vec<Arc<Volume>> {
         self.inner().volumes.values().cloned().collect()
+    }
+
+    /// Every volume, served or not, by name.
+    pub fn infos(&self) -> Vec<VolumeInfo> {
+        let inner = self.inner();
+        let mut all: Vec<VolumeInfo> = inner
+            .volumes
+            .values()
+            .map(|v| Self::info(v))
+            .chain(inner.unavailable.values().map(Self::unavailable_info))
+            .collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    /// One volume, served or not (the empty name is not a volume here).
+    pub fn info_of(&self, name: &str) -> Result<VolumeInfo, Error> {
+        let inner = self.inner();
+        if let Some(v) = inner.volumes.get(name) {
+            return Ok(Self::info(v));
+        }
+        match inner.unavailable.get(name) {
+            Some(u) => Ok(Self::unavailable_info(u)),
+            None => Err(Error::NotFound(name.into())),
+        }
+    }
+
+    /// How many catalog volumes are not served.
+    pub fn unavailable_count(&self) -> usize {
+        self.inner().unavailable.len()
     }
 
     pub fn info(volume: &Volume) -> VolumeInfo {
@@ -219,203 +323,49 @@ impl VolumeManager {
             connections: volume.connections(),
             allocated_bytes: volume.allocated_bytes(),
             ephemeral: volume.ephemeral(),
+            state: VolumeState::Available,
+            reason: None,
         }
     }
 
-    /// The named volume and a copy of the catalog to modify (under the admin lock).
-    fn find(&self, name: &str) -> Result<(Arc<Volume>, Catalog), Error> {
-        let inner = self.inner();
-        let volume = inner
-            .volumes
-            .get(name)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(name.into()))?;
-        Ok((volume, inner.catalog.clone()))
+    fn unavailable_info(u: &Unavailable) -> VolumeInfo {
+        VolumeInfo {
+            id: u.record.id,
+            name: u.record.name.clone(),
+            size_bytes: u.record.size_bytes,
+            read_only: u.record.read_only,
+            cache: u.record.cache.to_string(),
+            layout: u.record.layout.to_string(),
+            connections: 0,
+            allocated_bytes: 0,
+            ephemeral: false,
+            state: VolumeState::Unavailable,
+            reason: Some(u.reason.clone()),
+        }
     }
 
-    async fn persist(&self, mut catalog: Catalog) -> Result<Catalog, Error> {
+    pub(crate) async fn persist(&self, catalog: Catalog) -> Result<Catalog, Error> {
+        self.persist_with(catalog, false).await
+    }
+
+    /// [`VolumeManager::persist`] for an operation that frees space (may use the store's
+    /// reserve on a full filesystem).
+    pub(crate) async fn persist_freeing(&self, catalog: Catalog) -> Result<Catalog, Error> {
+        self.persist_with(catalog, true).await
+    }
+
+    async fn persist_with(&self, mut catalog: Catalog, frees: bool) -> Result<Catalog, Error> {
         let store = Arc::clone(&self.store);
-        tokio::task::spawn_blocking(move || store.store(&mut catalog).map(|()| catalog))
-            .await
-            .map_err(|e| Error::io("catalog writer", std::io::Error::other(e.to_string())))?
-            .map_err(Error::from)
-    }
-
-    /// Creates a plain volume.
-    pub async fn create(
-        &self,
-        name: &str,
-        size_bytes: u64,
-        read_only: bool,
-        cache: Option<CacheMode>,
-    ) -> Result<Arc<Volume>, Error> {
-        validate_name(name)?;
-        validate_size(size_bytes)?;
-        let _admin = self.admin.lock().await;
-        let mut catalog = {
-            let inner = self.inner();
-            if inner.volumes.contains_key(name) {
-                return Err(Error::Exists(name.to_string()));
+        tokio::task::spawn_blocking(move || {
+            if frees {
+                store.store_to_free_space(&mut catalog)
+            } else {
+                store.store(&mut catalog)
             }
-            inner.catalog.clone()
-        };
-        let id = catalog.next_volume_id;
-        let record = VolumeRecord {
-            id,
-            name: name.to_string(),
-            size_bytes,
-            read_only,
-            cache: cache.unwrap_or(self.config.default_cache),
-            layout: Layout::Plain,
-            components: vec![ComponentRecord {
-                device: LOCAL_DEVICE,
-                file: format!("vol-{id}.data"),
-            }],
-            created_unix: unix_now(),
-        };
-        let path = self.volumes_dir().join(&record.components[0].file);
-        let create_path = path.clone();
-        tokio::task::spawn_blocking(move || Component::create(&create_path, size_bytes))
-            .await
-            .map_err(|e| Error::io("component creator", std::io::Error::other(e.to_string())))?
-            .map_err(|e| Error::io(format!("cannot create {}", path.display()), e))?;
-        catalog.next_volume_id += 1;
-        catalog.volumes.push(record.clone());
-        catalog.volumes.sort_by(|a, b| a.name.cmp(&b.name));
-        let catalog = match self.persist(catalog).await {
-            Ok(catalog) => catalog,
-            Err(e) => {
-                let _ = std::fs::remove_file(&path);
-                return Err(e);
-            }
-        };
-        let volume = Arc::new(Self::open_volume(
-            &self.engine,
-            &self.volumes_dir(),
-            &record,
-        )?);
-        let mut inner = self.inner();
-        inner.catalog = catalog;
-        inner.volumes.insert(name.to_string(), Arc::clone(&volume));
-        Ok(volume)
-    }
-
-    /// Grows a volume. Connected clients keep the size they negotiated until they reconnect
-    /// (NBD fixes the size per connection).
-    pub async fn resize(&self, name: &str, size_bytes: u64) -> Result<Arc<Volume>, Error> {
-        validate_size(size_bytes)?;
-        let _admin = self.admin.lock().await;
-        let (volume, mut catalog) = self.find(name)?;
-        if volume.ephemeral() {
-            return Err(Error::Invalid(format!("volume {name:?} is served from a file given on the command line; resize the file instead")));
-        }
-        let current = volume.size_bytes();
-        if size_bytes < current {
-            return Err(Error::Invalid(format!(
-                "volume {name:?} is {current} bytes; shrinking to {size_bytes} would destroy data and is not supported (create a smaller volume and copy)"
-            )));
-        }
-        if size_bytes == current {
-            return Ok(volume);
-        }
-        volume
-            .component()
-            .set_len(size_bytes)
-            .await
-            .map_err(|e| Error::io(format!("cannot grow volume {name:?}"), e))?;
-        for rec in catalog.volumes.iter_mut().filter(|r| r.name == name) {
-            rec.size_bytes = size_bytes;
-        }
-        let catalog = self.persist(catalog).await?;
-        volume.set_size_bytes(size_bytes);
-        self.inner().catalog = catalog;
-        Ok(volume)
-    }
-
-    /// Deletes a volume and its data. Refused while clients are connected unless `force`,
-    /// which disconnects them.
-    pub async fn delete(&self, name: &str, force: bool) -> Result<(), Error> {
-        let _admin = self.admin.lock().await;
-        let (volume, mut catalog) = self.find(name)?;
-        if volume.ephemeral() {
-            return Err(Error::Invalid(format!("volume {name:?} is served from a file given on the command line; restart blockd without it")));
-        }
-        let connections = volume.connections();
-        if connections > 0 && !force {
-            return Err(Error::Busy {
-                name: name.to_string(),
-                connections,
-            });
-        }
-        let files: Vec<String> = catalog
-            .volumes
-            .iter()
-            .filter(|r| r.name == name)
-            .flat_map(|r| r.components.iter().map(|c| c.file.clone()))
-            .collect();
-        catalog.volumes.retain(|r| r.name != name);
-        let catalog = self.persist(catalog).await?;
-        {
-            let mut inner = self.inner();
-            inner.catalog = catalog;
-            inner.volumes.remove(name);
-        }
-        volume.close();
-        for file in files {
-            let path = self.volumes_dir().join(file);
-            if let Err(e) = std::fs::remove_file(&path) {
-                tracing::warn!(path = %path.display(), error = %e, "deleted volume's component file could not be removed");
-            }
-        }
-        Ok(())
-    }
-
-    /// Serves an existing file as a volume without recording it in the catalog (benchmarks,
-    /// one-off exports). Its size is the file's, rounded down to whole sectors.
-    pub fn add_file_volume(
-        &self,
-        name: &str,
-        path: &Path,
-        cache: CacheMode,
-        read_only: bool,
-    ) -> Result<Arc<Volume>, Error> {
-        validate_name(name)?;
-        let len = std::fs::metadata(path)
-            .map_err(|e| Error::io(format!("cannot use {}", path.display()), e))?
-            .len();
-        let size_bytes = len / SECTOR_BYTES * SECTOR_BYTES;
-        validate_size(size_bytes)
-            .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
-        let part = Component::open(self.engine.clone(), path, cache)
-            .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
-        let mut inner = self.inner();
-        if inner.volumes.contains_key(name) {
-            return Err(Error::Exists(name.to_string()));
-        }
-        let volume = Arc::new(Volume::new(
-            0,
-            name.to_string(),
-            size_bytes,
-            read_only,
-            Layout::Plain,
-            part,
-            true,
-        ));
-        inner.volumes.insert(name.to_string(), Arc::clone(&volume));
-        Ok(volume)
-    }
-
-    /// Flushes every volume (used at shutdown).
-    pub async fn flush_all(&self) -> Vec<(String, std::io::Error)> {
-        let mut failures = Vec::new();
-        for volume in self.list() {
-            if volume.read_only() {
-                continue;
-            }
-            if let Err(e) = volume.flush().await {
-                failures.push((volume.name().to_string(), e));
-            }
-        }
-        failures
+            .map(|()| catalog)
+        })
+        .await
+        .map_err(|e| Error::io("catalog writer", io::Error::other(e.to_string())))?
+        .map_err(Error::from)
     }
 }

@@ -494,7 +494,9 @@ impl State<'_> {
             return Ok(None);
         };
         let Some(volume) = self.mgr.lookup(&name) else {
-            let msg = if name.is_empty() {
+            let msg = if let Some(reason) = self.mgr.unavailable(&name) {
+                format!("export {name:?} is unavailable: {reason}")
+            } else if name.is_empty() {
                 "no default export: name a volume (volctl volume list)".to_string()
             } else {
                 format!("export {name:?} does not exist")

@@ -1,10 +1,11 @@
-//! `volctl`: create, list, inspect, grow and delete volumes on a running blockd.
+//! `volctl`: create, list, inspect, grow and delete volumes on a running blockd, and clean up
+//! orphan files (volume files no catalog record names, left by a crash mid-operation).
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use hyper::Method;
-use volmgr::api::{CreateVolume, ResizeVolume, StatusInfo, VolumeInfo};
+use volmgr::api::{CreateVolume, OrphanInfo, ResizeVolume, StatusInfo, VolumeInfo, VolumeState};
 use volmgr::size::{format_size, parse_size};
 
 use crate::client::{Client, ClientError};
@@ -32,8 +33,30 @@ pub enum Command {
     /// Volume operations.
     #[command(subcommand)]
     Volume(VolumeCmd),
-    /// Daemon status.
+    /// Daemon status, with unavailable volumes and orphan files.
     Status,
+    /// Orphan files: files in the data directory's volumes/ that no catalog record names.
+    ///
+    /// A crash (or kill -9) between creating a volume's file and recording it, or between
+    /// recording a delete and removing the file, leaves one. They are never reused and never
+    /// block anything, but they hold space. `volctl status` reports them.
+    #[command(subcommand)]
+    Orphans(OrphansCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OrphansCmd {
+    /// List orphan files with their size and age.
+    List,
+    /// Remove orphan files: the FILEs named (as `orphans list` prints them), or every orphan
+    /// with --all. A file that belongs to a volume is refused.
+    Remove {
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        files: Vec<String>,
+        /// Remove every orphan file.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -87,11 +110,11 @@ fn table(rows: &[Vec<String>]) -> String {
 }
 
 fn volume_rows(volumes: &[VolumeInfo]) -> String {
-    let mut rows = vec![
-        ["NAME", "SIZE", "USED", "LAYOUT", "CACHE", "MODE", "CLIENTS"]
-            .map(String::from)
-            .to_vec(),
-    ];
+    let mut rows = vec![[
+        "NAME", "SIZE", "USED", "LAYOUT", "CACHE", "MODE", "CLIENTS", "STATE",
+    ]
+    .map(String::from)
+    .to_vec()];
     for v in volumes {
         rows.push(vec![
             v.name.clone(),
@@ -105,6 +128,30 @@ fn volume_rows(volumes: &[VolumeInfo]) -> String {
                 "rw".into()
             },
             v.connections.to_string(),
+            state_of(v),
+        ]);
+    }
+    table(&rows)
+}
+
+/// `available`, or `unavailable: REASON`.
+fn state_of(v: &VolumeInfo) -> String {
+    match (&v.state, &v.reason) {
+        (VolumeState::Unavailable, Some(reason)) => format!("unavailable: {reason}"),
+        (state, _) => state.to_string(),
+    }
+}
+
+fn orphan_rows(orphans: &[OrphanInfo]) -> String {
+    let mut rows = vec![["FILE", "SIZE", "USED", "MODIFIED (UNIX)"]
+        .map(String::from)
+        .to_vec()];
+    for o in orphans {
+        rows.push(vec![
+            o.file.clone(),
+            format_size(o.size_bytes),
+            format_size(o.allocated_bytes),
+            o.modified_unix.to_string(),
         ]);
     }
     table(&rows)
@@ -131,14 +178,19 @@ fn volume_detail(v: &VolumeInfo) -> String {
         vec!["read-only".into(), v.read_only.to_string()],
         vec!["clients".into(), v.connections.to_string()],
         vec!["in catalog".into(), (!v.ephemeral).to_string()],
+        vec!["state".into(), state_of(v)],
     ];
     table(&rows)
 }
 
 fn path_of(name: &str) -> String {
-    // Volume names are restricted to [A-Za-z0-9._-]; escape anything else the user typed so
-    // the daemon's validation (not URL parsing) produces the error.
-    let mut out = String::from("/v1/volumes/");
+    format!("/v1/volumes/{}", escape(name))
+}
+
+/// Volume and file names are restricted to [A-Za-z0-9._-]; escape anything else the user
+/// typed so the daemon's validation (not URL parsing) produces the error.
+fn escape(name: &str) -> String {
+    let mut out = String::new();
     for b in name.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-') {
             out.push(b as char);
@@ -172,7 +224,60 @@ pub async fn run(cli: Cli) -> Result<String, ClientError> {
                         "catalog generation".into(),
                         s.catalog_generation.to_string(),
                     ],
+                    vec!["unavailable volumes".into(), s.unavailable.to_string()],
+                    vec![
+                        "orphan files".into(),
+                        if s.orphans.is_empty() {
+                            "0".into()
+                        } else {
+                            format!(
+                                "{}: {} (volctl orphans remove FILE...)",
+                                s.orphans.len(),
+                                s.orphans
+                                    .iter()
+                                    .map(|o| o.file.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            )
+                        },
+                    ],
                 ])
+            }
+        }
+        Command::Orphans(OrphansCmd::List) => {
+            let list: Vec<OrphanInfo> = client.get("/v1/orphans").await?;
+            if json {
+                pretty(&list)
+            } else if list.is_empty() {
+                "no orphan files\n".into()
+            } else {
+                orphan_rows(&list)
+            }
+        }
+        Command::Orphans(OrphansCmd::Remove { files, all }) => {
+            let files = if all {
+                let list: Vec<OrphanInfo> = client.get("/v1/orphans").await?;
+                list.into_iter().map(|o| o.file).collect()
+            } else {
+                files
+            };
+            let mut out = String::new();
+            for file in &files {
+                client
+                    .call(
+                        Method::DELETE,
+                        &format!("/v1/orphans/{}", escape(file)),
+                        None,
+                    )
+                    .await?;
+                out.push_str(&format!("removed orphan file {file}\n"));
+            }
+            if json {
+                pretty(&files)
+            } else if files.is_empty() {
+                "no orphan files\n".into()
+            } else {
+                out
             }
         }
         Command::Volume(VolumeCmd::List) => {
