@@ -11,26 +11,16 @@ Usage: deep_hold.py nbd://HOST:PORT/EXPORT BLOCKD_PID; prints "busiest-share S" 
 nbd-conn thread's share of all nbd-conn CPU time, from schedstat, in nanoseconds)."""
 
 import os
-import socket
-import struct
 import sys
-import urllib.parse
 
-uri, pid = urllib.parse.urlparse(sys.argv[1]), int(sys.argv[2])
-host, port, export = uri.hostname, uri.port, uri.path.lstrip("/").encode()
+from nbdraw import CMD_DISC, CMD_READ, CMD_WRITE, connect, recv_exact, simple_reply
+from nbdraw import request as raw_request
+
+pid = int(sys.argv[2])
 ROUNDS = 10000
 BLOCK = 4096
 # Fewer lone writes than REQUESTS_BEFORE_GROWTH: the connection keeps its two threads.
 BLOCKS = 16
-
-
-def recv_exact(s, n):
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        assert chunk, "server closed the connection"
-        buf += chunk
-    return bytes(buf)
 
 
 def conn_thread_times():
@@ -47,36 +37,25 @@ def conn_thread_times():
     return times
 
 
-s = socket.create_connection((host, port))
-s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-# Fixed newstyle handshake, then NBD_OPT_EXPORT_NAME with NO_ZEROES.
-magic, opt_magic, _flags = struct.unpack(">8s8sH", recv_exact(s, 18))
-assert magic == b"NBDMAGIC" and opt_magic == b"IHAVEOPT", (magic, opt_magic)
-s.sendall(struct.pack(">I", 1 | 2))
-s.sendall(b"IHAVEOPT" + struct.pack(">II", 1, len(export)) + export)
-size, _tflags = struct.unpack(">QH", recv_exact(s, 10))
+s, size = connect(sys.argv[1])
 assert size >= BLOCKS * BLOCK, size
-
-REQUEST_MAGIC, SIMPLE_REPLY_MAGIC = 0x25609513, 0x67446698
-CMD_READ, CMD_WRITE, CMD_DISC = 0, 1, 2
 
 
 def request(kind, cookie, block, length=BLOCK):
-    return struct.pack(">IHHQQI", REQUEST_MAGIC, 0, kind, cookie, block * BLOCK, length)
+    return raw_request(kind, cookie, block * BLOCK, length)
 
 
 # Known data to read back: block i holds the byte i.
 for i in range(BLOCKS):
     s.sendall(request(CMD_WRITE, 1000 + i, i) + bytes([i]) * BLOCK)
-    magic, err, cookie = struct.unpack(">IIQ", recv_exact(s, 16))
-    assert (magic, err, cookie) == (SIMPLE_REPLY_MAGIC, 0, 1000 + i), (magic, err, cookie)
+    assert simple_reply(s) == (0, 1000 + i)
 
 
 def check_replies(want):
     got = {}
     for _ in range(len(want)):
-        magic, err, cookie = struct.unpack(">IIQ", recv_exact(s, 16))
-        assert magic == SIMPLE_REPLY_MAGIC and err == 0, (magic, err)
+        err, cookie = simple_reply(s)
+        assert err == 0, err
         got[cookie] = recv_exact(s, BLOCK)
     for cookie, block in want.items():
         assert got[cookie] == bytes([block]) * BLOCK, f"cookie {cookie} read other data"
