@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use raid::{CacheMode, DeviceEngine};
+use tokio_util::sync::CancellationToken;
 use volmgr::catalog::LocalFileStore;
 use volmgr::{ManagerConfig, VolumeManager};
 
@@ -95,7 +96,11 @@ pub fn handshake(fx: &HandshakeFixture, data: &[u8]) {
     };
     let mgr = if mode & 1 == 0 { &fx.single } else { &fx.pair };
     let mut server = Vec::new();
-    let result = raid::fuzzing::ready(negotiate(&mut client, &mut server, mgr, mode & 2 != 0));
+    let shutdown = CancellationToken::new();
+    if mode & 2 != 0 {
+        shutdown.cancel();
+    }
+    let result = raid::fuzzing::ready(negotiate(&mut client, &mut server, mgr, &shutdown));
     check_handshake_output(&server, &result);
     if let Ok(Some(neg)) = &result {
         assert_eq!(neg.flags, transmission_flags(&neg.volume, neg.structured));
@@ -467,7 +472,12 @@ mod tests {
                 let mut server = Vec::new();
                 let mgr = if s[0] & 1 == 0 { &fx.single } else { &fx.pair };
                 matches!(
-                    raid::fuzzing::ready(negotiate(&mut client, &mut server, mgr, false)),
+                    raid::fuzzing::ready(negotiate(
+                        &mut client,
+                        &mut server,
+                        mgr,
+                        &CancellationToken::new()
+                    )),
                     Ok(Some(_))
                 )
             })

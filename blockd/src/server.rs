@@ -4,9 +4,11 @@
 //! stops start-up with its reason), creates `--volume`s, and binds the NBD TCP listener(s),
 //! the NBD Unix socket (`nbd.sock`) and the admin socket (`admin.sock`, mode 0600).
 //!
-//! Shutdown on SIGINT/SIGTERM: stop accepting; sessions stop reading new requests, finish and
-//! answer the ones in flight, and close (bounded by [`SHUTDOWN_GRACE`]); then every volume
-//! is flushed and the process exits 0.
+//! Shutdown on SIGINT/SIGTERM: stop accepting; a client still in the handshake gets
+//! `NBD_REP_ERR_SHUTDOWN` to its next option (for [`HANDSHAKE_SHUTDOWN_GRACE`]); sessions
+//! finish and answer the requests in flight, answer the ones already received but not started
+//! with `ESHUTDOWN`, and close (bounded by [`SHUTDOWN_GRACE`]); then every volume is flushed
+//! and the process exits 0.
 
 use std::fs::{File, OpenOptions};
 use std::net::SocketAddr;
@@ -29,7 +31,7 @@ use crate::config::{Config, EngineArg};
 use crate::metrics as m;
 use crate::nbd::conn;
 use crate::nbd::handshake::{self, Handshake, Outcome, TlsState};
-use crate::nbd::limits::{HANDSHAKE_TIMEOUT, SHUTDOWN_GRACE};
+use crate::nbd::limits::{HANDSHAKE_SHUTDOWN_GRACE, HANDSHAKE_TIMEOUT, SHUTDOWN_GRACE};
 use crate::nbd::socket::{Plain, Socket};
 use crate::nbd::tls::{TlsContext, TlsFiles, TlsMode};
 
@@ -333,10 +335,11 @@ impl Accepted {
         &mut self,
         mgr: &VolumeManager,
         tls: Option<&TlsContext>,
+        stop: &CancellationToken,
     ) -> Result<Option<Established>, handshake::HandshakeError> {
         match self {
-            Accepted::Tcp(s) => negotiate_on(s, mgr, tls).await,
-            Accepted::Unix(s) => negotiate_on(s, mgr, tls).await,
+            Accepted::Tcp(s) => negotiate_on(s, mgr, tls, stop).await,
+            Accepted::Unix(s) => negotiate_on(s, mgr, tls, stop).await,
         }
     }
 
@@ -366,12 +369,13 @@ async fn negotiate_on<S>(
     s: &mut S,
     mgr: &VolumeManager,
     tls: Option<&TlsContext>,
+    stop: &CancellationToken,
 ) -> Result<Option<Established>, handshake::HandshakeError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let state = tls.map_or(TlsState::Off, |t| TlsState::Offered(t.mode()));
-    let mut hs = Handshake::greet(s, state, false).await?;
+    let mut hs = Handshake::greet(s, state, stop).await?;
     match hs.options(s, mgr).await? {
         Outcome::Go(neg) => return Ok(Some((neg, None))),
         Outcome::Aborted => return Ok(None),
@@ -475,9 +479,14 @@ async fn connection(
     peer: String,
 ) {
     let t0 = Instant::now();
+    // At shutdown the handshake goes on a little, refusing options with ERR_SHUTDOWN.
+    let refused = async {
+        stop.cancelled().await;
+        tokio::time::sleep(HANDSHAKE_SHUTDOWN_GRACE).await
+    };
     let negotiated = tokio::select! {
-        _ = stop.cancelled() => return,
-        res = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.negotiate(&mgr, tls.as_deref())) => res,
+        _ = refused => return,
+        res = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.negotiate(&mgr, tls.as_deref(), &stop)) => res,
     };
     let (neg, session) = match negotiated {
         Ok(Ok(Some(established))) => {
@@ -529,10 +538,14 @@ async fn connection(
     let metrics = Arc::new(m::SessionMetrics::new(&name));
     let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
     let runtime = tokio::runtime::Handle::current();
+    // Cancelled (before the read side is shut) by shutdown or a force-delete: requests
+    // received but not started are then answered ESHUTDOWN.
+    let stopping = stop.child_token();
+    let thread_stopping = stopping.clone();
     let spawned = std::thread::Builder::new()
         .name("nbd-conn".into())
         .spawn(move || {
-            let _ = done_tx.send(conn::run(sock, neg, runtime, metrics));
+            let _ = done_tx.send(conn::run(sock, neg, runtime, metrics, thread_stopping));
         });
     let end = match spawned {
         Err(e) => {
@@ -542,7 +555,7 @@ async fn connection(
         Ok(_) => tokio::select! {
             end = &mut done_rx => end.ok(),
             _ = stop.cancelled() => { control.shutdown_read(); done_rx.await.ok() }
-            _ = closed.cancelled() => { control.shutdown_read(); done_rx.await.ok() }
+            _ = closed.cancelled() => { stopping.cancel(); control.shutdown_read(); done_rx.await.ok() }
         },
     };
     m::connection_closed(&name);

@@ -37,9 +37,11 @@
 //!   measurements are at the constants).
 //!
 //! Bounds: at most [`INFLIGHT_MAX`] requests and [`INFLIGHT_BYTES_MAX`] payload bytes in
-//! flight; at the cap the thread stops reading (back-pressure). On shutdown or force-delete
-//! the socket's read side is shut down: the thread sees EOF, lets in-flight requests finish
-//! and be answered, then closes.
+//! flight; at the cap the thread stops reading (back-pressure).
+//!
+//! Shutdown (SIGTERM, or a force-delete of the volume): requests in flight finish and are
+//! answered as usual; those received but not started are answered `ESHUTDOWN` (the
+//! `stopping` module says how); then the session closes.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::sync::atomic::Ordering::Relaxed;
@@ -48,6 +50,7 @@ use std::time::Instant;
 
 use raid::IoBuf;
 use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
 use volmgr::Volume;
 use zerocopy::FromBytes;
 
@@ -57,6 +60,8 @@ use super::session::{execute, io_error, validate, Encoder, Export, Outcome, Requ
 pub use super::socket::Socket;
 use super::wire::*;
 use crate::metrics::SessionMetrics;
+
+mod stopping;
 
 /// Counts requests and payload bytes in flight; [`Gate::enter`] blocks at the caps.
 #[derive(Debug, Default)]
@@ -134,6 +139,8 @@ pub struct Reply {
 pub enum End {
     Disconnect,
     Eof,
+    /// The server stopped the session (shutdown or force-delete).
+    Shutdown,
     Framing(io::Error),
     WriterGone(io::Error),
 }
@@ -345,6 +352,8 @@ struct Shared {
     toward_growth: std::sync::atomic::AtomicU32,
     runtime: Handle,
     metrics: Arc<SessionMetrics>,
+    /// Cancelled by the server just before it shuts the read side down (see the `stopping` module).
+    stopping: CancellationToken,
 }
 
 /// A validated request, ready to run.
@@ -379,6 +388,9 @@ impl Shared {
             Ok(None) => return Err(End::Eof),
             Err(e) => return Err(End::Framing(e)),
         };
+        if self.stopping.is_cancelled() {
+            return self.refuse(r, req, out).map(|()| None);
+        }
         let (errno, drain_len, why) = match validate(&req, &self.export) {
             Verdict::Close if req.kind == CMD_DISC => return Err(End::Disconnect),
             Verdict::Close => {
@@ -392,7 +404,7 @@ impl Shared {
         };
         if errno != 0 {
             self.metrics.rejected(req.kind);
-            drain(r, drain_len).map_err(End::Framing)?;
+            drain(r, drain_len).map_err(|e| self.cut_short(req, e, out))?;
             self.enc.encode(out, req, Outcome::Error(errno, why));
             return Ok(None);
         }
@@ -406,9 +418,15 @@ impl Shared {
             send(&self.write_half, out, None).map_err(End::WriterGone)?;
         }
         let ticket = self.gate.enter(data_bytes);
+        if self.stopping.is_cancelled() {
+            // The session stopped while this request waited for room: it has not started.
+            drop(ticket);
+            return self.refuse(r, req, out).map(|()| None);
+        }
         let payload = if req.kind == CMD_WRITE {
             let mut buf = IoBuf::with_len(req.len as usize);
-            r.read_exact(buf.as_mut_slice()).map_err(End::Framing)?;
+            r.read_exact(buf.as_mut_slice())
+                .map_err(|e| self.cut_short(req, e, out))?;
             Some(buf)
         } else {
             None
@@ -530,6 +548,11 @@ impl Shared {
                 },
             };
             if rd.end.is_some() {
+                break Ok(());
+            }
+            if self.stopping.is_cancelled() {
+                let end = self.refuse_received(&mut rd.buf, &mut out);
+                self.finish(&mut rd, end);
                 break Ok(());
             }
             if !out.is_empty() && !complete_request(rd.buf.buffer(), self.export.extended) {
@@ -672,7 +695,13 @@ impl Shared {
 }
 
 /// Runs the transmission phase on dedicated threads until the session ends.
-pub fn run(sock: Socket, neg: Negotiated, runtime: Handle, metrics: Arc<SessionMetrics>) -> End {
+pub fn run(
+    sock: Socket,
+    neg: Negotiated,
+    runtime: Handle,
+    metrics: Arc<SessionMetrics>,
+    stopping: CancellationToken,
+) -> End {
     let enc = Encoder::new(
         neg.structured,
         neg.extended,
@@ -720,6 +749,7 @@ pub fn run(sock: Socket, neg: Negotiated, runtime: Handle, metrics: Arc<SessionM
         }),
         runtime,
         metrics,
+        stopping,
     };
     std::thread::scope(|scope| {
         shared.spawn_workers(CONNECTION_THREADS - 1, &tx, scope);

@@ -5,10 +5,15 @@
 //! stream: it gets an error reply and the loop goes on. Only violations with no error channel
 //! (bad option magic, unknown client flags, an oversized option, an unknown EXPORT_NAME) end
 //! the connection.
+//!
+//! Once the server is shutting down, every option but ABORT is answered with
+//! `NBD_REP_ERR_SHUTDOWN` (EXPORT_NAME, which has no error reply, closes the connection), so a
+//! client mid-handshake learns why instead of seeing the connection drop.
 
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
 use volmgr::{Volume, VolumeManager};
 use zerocopy::big_endian::{U32, U64};
 use zerocopy::{FromBytes, IntoBytes};
@@ -38,6 +43,8 @@ pub enum HandshakeError {
     Aborted,
     #[error("TLS handshake: {0}")]
     Tls(std::io::Error),
+    #[error("EXPORT_NAME while the server is shutting down")]
+    ShuttingDown,
 }
 
 fn violation(why: impl Into<String>) -> HandshakeError {
@@ -53,7 +60,6 @@ struct State<'a> {
     extended: bool,
     /// (export name the selection was made for, selected) from the last SET_META_CONTEXT.
     meta: Option<(String, bool)>,
-    shutting_down: bool,
 }
 
 /// Transmission flags for a volume under the negotiated reply mode.
@@ -129,7 +135,8 @@ pub struct Handshake {
     /// Options left before the connection is cut (counted across the upgrade).
     options_left: usize,
     tls: TlsState,
-    shutting_down: bool,
+    /// Cancelled at server shutdown: options are then refused with `ERR_SHUTDOWN`.
+    shutdown: CancellationToken,
 }
 
 /// Runs a plain handshake (no TLS configured). `Ok(None)` means the client ended it cleanly.
@@ -137,14 +144,14 @@ pub async fn negotiate<R, W>(
     r: &mut R,
     w: &mut W,
     mgr: &VolumeManager,
-    shutting_down: bool,
+    shutdown: &CancellationToken,
 ) -> Result<Option<Negotiated>, HandshakeError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut s = tokio::io::join(r, w);
-    let mut hs = Handshake::greet(&mut s, TlsState::Off, shutting_down).await?;
+    let mut hs = Handshake::greet(&mut s, TlsState::Off, shutdown).await?;
     match hs.options(&mut s, mgr).await? {
         Outcome::Go(neg) => Ok(Some(neg)),
         Outcome::Aborted => Ok(None),
@@ -157,7 +164,7 @@ impl Handshake {
     pub async fn greet<S>(
         s: &mut S,
         tls: TlsState,
-        shutting_down: bool,
+        shutdown: &CancellationToken,
     ) -> Result<Handshake, HandshakeError>
     where
         S: AsyncRead + AsyncWrite + Unpin,
@@ -178,7 +185,7 @@ impl Handshake {
             no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
             options_left: OPTIONS_MAX,
             tls,
-            shutting_down,
+            shutdown: shutdown.clone(),
         })
     }
 
@@ -203,7 +210,6 @@ impl Handshake {
             structured: false,
             extended: false,
             meta: None,
-            shutting_down: self.shutting_down,
         };
         let (fixed, no_zeroes) = (self.fixed, self.no_zeroes);
         while self.options_left > 0 {
@@ -256,7 +262,10 @@ impl Handshake {
             .await?;
             return Ok(None);
         }
-        if st.shutting_down && option != OPT_ABORT {
+        if self.shutdown.is_cancelled() && option != OPT_ABORT {
+            if option == OPT_EXPORT_NAME {
+                return Err(HandshakeError::ShuttingDown);
+            }
             error(w, option, REP_ERR_SHUTDOWN, "server is shutting down").await?;
             return Ok(None);
         }

@@ -36,6 +36,15 @@ pub const CONNECTIONS_DEFAULT_MAX: usize = 256;
 pub const EXTENTS_MAX: usize = 1024;
 /// How long a shutdown waits for sessions to finish their in-flight requests.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// At shutdown, how long a client still in the handshake has to send its next option and be
+/// answered `NBD_REP_ERR_SHUTDOWN`: a client mid-handshake sends its next option within a
+/// round trip, and a connection that never speaks must not hold up the exit for longer.
+pub const HANDSHAKE_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+/// At shutdown, requests already received but not started that are answered `ESHUTDOWN`
+/// before the session closes. Twice [`INFLIGHT_MAX`], more than any client queues (the kernel
+/// 128 per socket, nbdcopy 64), so every request of a well-behaved client is answered; a
+/// client that keeps sending cannot hold the session open.
+pub const SHUTDOWN_REFUSALS_MAX: usize = 2 * INFLIGHT_MAX;
 /// Threads a connection starts with: two, so that one waits in `recv` while the other
 /// answers (see `conn`).
 pub const CONNECTION_THREADS: usize = 2;
@@ -83,4 +92,5 @@ pub const TLS_SEND_BUFFER_KEEP_BYTES: usize = 4 << 20;
 const _: () = assert!(PAYLOAD_MAX_BYTES as usize <= INFLIGHT_BYTES_MAX);
 const _: () = assert!(PAYLOAD_MAX_BYTES as usize <= raid::buf::MAX_POOLED_BYTES);
 const _: () = assert!(BLOCK_PREFERRED_BYTES.is_multiple_of(BLOCK_MIN_BYTES));
+const _: () = assert!(HANDSHAKE_SHUTDOWN_GRACE.as_millis() < SHUTDOWN_GRACE.as_millis());
 const _: () = assert!(OPTION_MAX_BYTES as usize >= 2 * STRING_MAX_BYTES + 16);
