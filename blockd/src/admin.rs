@@ -14,6 +14,8 @@ use serde::Deserialize;
 use volmgr::api::{ApiError, CreateVolume, OrphanInfo, ResizeVolume, StatusInfo, VolumeInfo};
 use volmgr::{ErrorKind, VolumeManager};
 
+use crate::budget::Budgets;
+
 #[derive(Clone)]
 pub struct AdminState {
     pub mgr: Arc<VolumeManager>,
@@ -21,6 +23,7 @@ pub struct AdminState {
     pub started: Instant,
     pub nbd_tcp: Vec<String>,
     pub nbd_unix: String,
+    pub budgets: Arc<Budgets>,
 }
 
 struct ApiFailure(StatusCode, String);
@@ -84,6 +87,7 @@ async fn status(State(st): State<AdminState>) -> Json<StatusInfo> {
         catalog_generation: st.mgr.catalog_generation(),
         unavailable,
         orphans,
+        budgets: st.budgets.infos(),
     })
 }
 
@@ -159,8 +163,8 @@ async fn delete(
 }
 
 async fn metrics(State(st): State<AdminState>) -> impl IntoResponse {
-    (
-        [("content-type", "text/plain; version=0.0.4")],
-        st.prometheus.render(),
-    )
+    ([("content-type", "text/plain; version=0.0.4")], {
+        st.budgets.publish();
+        st.prometheus.render()
+    })
 }

@@ -70,9 +70,14 @@ pub struct Config {
     #[arg(long, value_enum, default_value = "auto")]
     pub engine: EngineArg,
 
-    /// Most concurrent NBD connections; more are refused.
+    /// Most concurrent NBD sessions; a client beyond it is refused with the reason
+    /// (connections still negotiating have their own budget, see `volctl status`).
     #[arg(long, default_value_t = crate::nbd::limits::CONNECTIONS_DEFAULT_MAX)]
     pub max_connections: usize,
+
+    /// Seconds a reply may wait for a client that does not read before its session ends.
+    #[arg(long, default_value_t = crate::nbd::limits::SEND_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub send_timeout: u64,
 
     /// Async worker threads (0: one per core).
     #[arg(long, default_value_t = 0)]

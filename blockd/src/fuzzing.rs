@@ -25,8 +25,9 @@ use tokio_util::sync::CancellationToken;
 use volmgr::catalog::LocalFileStore;
 use volmgr::{ManagerConfig, VolumeManager};
 
+use crate::budget::Budgets;
 use crate::nbd::conn::{complete_request, drain, read_request};
-use crate::nbd::handshake::{negotiate, transmission_flags, HandshakeError, Negotiated};
+use crate::nbd::handshake::{negotiate, transmission_flags, Admission, HandshakeError, Negotiated};
 use crate::nbd::limits::*;
 use crate::nbd::session::{validate, Encoder, Export, Outcome, Request, Verdict};
 use crate::nbd::wire::*;
@@ -89,6 +90,13 @@ impl Drop for HandshakeFixture {
     }
 }
 
+fn admission() -> Admission {
+    Admission {
+        shutdown: CancellationToken::new(),
+        budgets: Budgets::new(CONNECTIONS_DEFAULT_MAX, SEND_TIMEOUT),
+    }
+}
+
 /// The handshake harness.
 pub fn handshake(fx: &HandshakeFixture, data: &[u8]) {
     let Some((&mode, mut client)) = data.split_first() else {
@@ -96,11 +104,11 @@ pub fn handshake(fx: &HandshakeFixture, data: &[u8]) {
     };
     let mgr = if mode & 1 == 0 { &fx.single } else { &fx.pair };
     let mut server = Vec::new();
-    let shutdown = CancellationToken::new();
+    let admission = admission();
     if mode & 2 != 0 {
-        shutdown.cancel();
+        admission.shutdown.cancel();
     }
-    let result = raid::fuzzing::ready(negotiate(&mut client, &mut server, mgr, &shutdown));
+    let result = raid::fuzzing::ready(negotiate(&mut client, &mut server, mgr, &admission));
     check_handshake_output(&server, &result);
     if let Ok(Some(neg)) = &result {
         assert_eq!(neg.flags, transmission_flags(&neg.volume, neg.structured));
@@ -472,12 +480,7 @@ mod tests {
                 let mut server = Vec::new();
                 let mgr = if s[0] & 1 == 0 { &fx.single } else { &fx.pair };
                 matches!(
-                    raid::fuzzing::ready(negotiate(
-                        &mut client,
-                        &mut server,
-                        mgr,
-                        &CancellationToken::new()
-                    )),
+                    raid::fuzzing::ready(negotiate(&mut client, &mut server, mgr, &admission())),
                     Ok(Some(_))
                 )
             })

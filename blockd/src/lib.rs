@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod budget;
 pub mod config;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -98,8 +98,10 @@ pub fn handshake(elapsed: Duration, ok: bool) {
     }
 }
 
-pub fn connection_refused() {
-    counter!("blockd_nbd_connections_refused_total").increment(1);
+/// An `accept` that failed (out of file descriptors, say). Refusals by the server's budgets
+/// are `blockd_budget_refused_total` (see `budget`).
+pub fn accept_failed() {
+    counter!("blockd_nbd_accept_errors_total").increment(1);
 }
 
 /// A TLS handshake after STARTTLS finished (`ok`) or failed (bad or missing certificate,

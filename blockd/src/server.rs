@@ -20,18 +20,20 @@ use std::time::{Duration, Instant};
 use metrics_exporter_prometheus::PrometheusBuilder;
 use raid::{DeviceEngine, EnginePreference};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use volmgr::catalog::LocalFileStore;
 use volmgr::{ManagerConfig, VolumeManager};
 
 use crate::admin::{self, AdminState};
+use crate::budget::{Budgets, HandshakeSlot, RateLimited};
 use crate::config::{Config, EngineArg};
 use crate::metrics as m;
 use crate::nbd::conn;
-use crate::nbd::handshake::{self, Handshake, Outcome, TlsState};
-use crate::nbd::limits::{HANDSHAKE_SHUTDOWN_GRACE, HANDSHAKE_TIMEOUT, SHUTDOWN_GRACE};
+use crate::nbd::handshake::{self, Admission, Handshake, Outcome, TlsState};
+use crate::nbd::limits::{
+    HANDSHAKES_MAX, HANDSHAKE_SHUTDOWN_GRACE, HANDSHAKE_TIMEOUT, SHUTDOWN_GRACE,
+};
 use crate::nbd::socket::{Plain, Socket};
 use crate::nbd::tls::{TlsContext, TlsFiles, TlsMode};
 
@@ -224,12 +226,20 @@ async fn serve(config: Config) -> Result<(), StartupError> {
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
+    let budgets = Budgets::new(
+        config.max_connections,
+        Duration::from_secs(config.send_timeout),
+    );
+    raise_file_limit(config.max_connections);
     let acceptor = Acceptor {
         mgr: Arc::clone(&mgr),
         tls: tls.clone(),
-        shutdown: shutdown.clone(),
+        admission: Admission {
+            shutdown: shutdown.clone(),
+            budgets: Arc::clone(&budgets),
+        },
         tracker: tracker.clone(),
-        slots: Arc::new(Semaphore::new(config.max_connections)),
+        accept_errors: Arc::new(RateLimited::default()),
     };
 
     let mut tcp_names = Vec::new();
@@ -257,6 +267,7 @@ async fn serve(config: Config) -> Result<(), StartupError> {
         started,
         nbd_tcp: tcp_names,
         nbd_unix: nbd_sock.display().to_string(),
+        budgets,
     };
     let admin_stop = shutdown.clone();
     let admin_task = tokio::spawn(async move {
@@ -335,11 +346,11 @@ impl Accepted {
         &mut self,
         mgr: &VolumeManager,
         tls: Option<&TlsContext>,
-        stop: &CancellationToken,
+        admission: &Admission,
     ) -> Result<Option<Established>, handshake::HandshakeError> {
         match self {
-            Accepted::Tcp(s) => negotiate_on(s, mgr, tls, stop).await,
-            Accepted::Unix(s) => negotiate_on(s, mgr, tls, stop).await,
+            Accepted::Tcp(s) => negotiate_on(s, mgr, tls, admission).await,
+            Accepted::Unix(s) => negotiate_on(s, mgr, tls, admission).await,
         }
     }
 
@@ -369,13 +380,13 @@ async fn negotiate_on<S>(
     s: &mut S,
     mgr: &VolumeManager,
     tls: Option<&TlsContext>,
-    stop: &CancellationToken,
+    admission: &Admission,
 ) -> Result<Option<Established>, handshake::HandshakeError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let state = tls.map_or(TlsState::Off, |t| TlsState::Offered(t.mode()));
-    let mut hs = Handshake::greet(s, state, stop).await?;
+    let mut hs = Handshake::greet(s, state, admission).await?;
     match hs.options(s, mgr).await? {
         Outcome::Go(neg) => return Ok(Some((neg, None))),
         Outcome::Aborted => return Ok(None),
@@ -412,40 +423,69 @@ where
 struct Acceptor {
     mgr: Arc<VolumeManager>,
     tls: Option<Arc<TlsContext>>,
-    shutdown: CancellationToken,
+    admission: Admission,
     tracker: TaskTracker,
-    slots: Arc<Semaphore>,
+    accept_errors: Arc<RateLimited>,
 }
 
 impl Acceptor {
-    /// Takes a connection slot and starts the session, or refuses at the limit.
+    /// Starts the connection's handshake, in a handshake slot (evicting the oldest
+    /// connection still negotiating when all are taken).
     fn admit(&self, conn: Accepted, peer: String) {
-        let Ok(slot) = Arc::clone(&self.slots).try_acquire_owned() else {
-            m::connection_refused();
-            tracing::warn!(%peer, "connection limit reached; refusing");
-            return;
-        };
-        let (mgr, stop, tls) = (
+        let slot = self.admission.budgets.handshakes.admit();
+        let (mgr, admission, tls) = (
             Arc::clone(&self.mgr),
-            self.shutdown.clone(),
+            self.admission.clone(),
             self.tls.clone(),
         );
-        self.tracker.spawn(async move {
-            connection(conn, mgr, tls, stop, peer).await;
-            drop(slot);
-        });
+        self.tracker
+            .spawn(connection(conn, mgr, tls, admission, slot, peer));
     }
 
+    /// After a failed accept (out of file descriptors, say): log at most once a second, and
+    /// let the condition pass before trying again.
     async fn backoff(&self, e: std::io::Error) {
-        tracing::warn!(error = %e, "accept failed");
+        m::accept_failed();
+        self.accept_errors
+            .log(|n| tracing::warn!(error = %e, failures = n, "accept failed"));
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit: each session holds a few
+/// descriptors and each connection in the handshake one, beyond the volumes' own.
+fn raise_file_limit(max_sessions: usize) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let need = (max_sessions * 4 + HANDSHAKES_MAX + 256) as u64;
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(error = %e, soft, hard, "cannot raise the open-file limit");
+            }
+            if hard < need {
+                tracing::warn!(
+                    hard,
+                    need,
+                    "the open-file limit is below what the budgets need"
+                );
+            }
+        }
+        Ok((soft, _)) if soft < need => {
+            tracing::warn!(
+                soft,
+                need,
+                "the open-file limit is below what the budgets need"
+            )
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-file limit"),
     }
 }
 
 async fn accept_tcp(listener: TcpListener, acc: Acceptor) {
     loop {
         let accepted = tokio::select! {
-            _ = acc.shutdown.cancelled() => return,
+            _ = acc.admission.shutdown.cancelled() => return,
             a = listener.accept() => a,
         };
         match accepted {
@@ -461,7 +501,7 @@ async fn accept_tcp(listener: TcpListener, acc: Acceptor) {
 async fn accept_unix(listener: UnixListener, acc: Acceptor) {
     loop {
         let accepted = tokio::select! {
-            _ = acc.shutdown.cancelled() => return,
+            _ = acc.admission.shutdown.cancelled() => return,
             a = listener.accept() => a,
         };
         match accepted {
@@ -475,10 +515,12 @@ async fn connection(
     mut conn: Accepted,
     mgr: Arc<VolumeManager>,
     tls: Option<Arc<TlsContext>>,
-    stop: CancellationToken,
+    admission: Admission,
+    handshake_slot: HandshakeSlot,
     peer: String,
 ) {
     let t0 = Instant::now();
+    let stop = admission.shutdown.clone();
     // At shutdown the handshake goes on a little, refusing options with ERR_SHUTDOWN.
     let refused = async {
         stop.cancelled().await;
@@ -486,9 +528,12 @@ async fn connection(
     };
     let negotiated = tokio::select! {
         _ = refused => return,
-        res = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.negotiate(&mgr, tls.as_deref(), &stop)) => res,
+        // Counted and logged by the budget.
+        _ = handshake_slot.evicted().cancelled() => return,
+        res = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.negotiate(&mgr, tls.as_deref(), &admission)) => res,
     };
-    let (neg, session) = match negotiated {
+    drop(handshake_slot);
+    let (mut neg, session) = match negotiated {
         Ok(Ok(Some(established))) => {
             m::handshake(t0.elapsed(), true);
             established
@@ -541,11 +586,21 @@ async fn connection(
     // Cancelled (before the read side is shut) by shutdown or a force-delete: requests
     // received but not started are then answered ESHUTDOWN.
     let stopping = stop.child_token();
+    let budgets = Arc::clone(&admission.budgets);
+    // Given back when the session's threads are done.
+    let _session_slot = neg.slot.take();
     let thread_stopping = stopping.clone();
     let spawned = std::thread::Builder::new()
         .name("nbd-conn".into())
         .spawn(move || {
-            let _ = done_tx.send(conn::run(sock, neg, runtime, metrics, thread_stopping));
+            let _ = done_tx.send(conn::run(
+                sock,
+                neg,
+                runtime,
+                metrics,
+                thread_stopping,
+                budgets,
+            ));
         });
     let end = match spawned {
         Err(e) => {

@@ -1,7 +1,8 @@
 #!/usr/bin/python3
-"""With --max-connections 2: two clients work, a third is refused, the two keep working,
-and once they leave a new client is accepted.  Usage: connection_limit.py URI"""
+"""With --max-connections 2: two clients work, a third is refused with the reason, the two
+keep working, and once they leave a new client is accepted.  Usage: connection_limit.py URI"""
 
+import subprocess
 import sys
 import time
 
@@ -19,6 +20,10 @@ try:
     sys.exit("third connection was accepted beyond --max-connections 2")
 except nbd.Error:
     pass
+# qemu shows the server's reason (libnbd keeps it for its debug log).
+third = subprocess.run(["qemu-img", "info", uri], capture_output=True, text=True)
+if third.returncode == 0 or "--max-connections" not in third.stderr:
+    sys.exit(f"third client refused without the reason: {third.stderr}")
 for h in hs:
     h.pwrite(b"x" * 4096, 0)
     assert h.pread(4096, 0) == b"x" * 4096

@@ -34,7 +34,7 @@ fn connections_beyond_the_limit_are_refused_and_the_rest_keep_working() {
     let metrics = d.metrics();
     let refused: f64 = metrics
         .lines()
-        .find_map(|l| l.strip_prefix("blockd_nbd_connections_refused_total "))
+        .find_map(|l| l.strip_prefix(r#"blockd_budget_refused_total{budget="sessions"} "#))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0);
     assert!(refused >= 1.0, "no refusal counted:\n{metrics}");

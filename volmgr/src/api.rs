@@ -104,6 +104,19 @@ pub struct StatusInfo {
     /// Files in the volumes directory that no catalog record names.
     #[serde(default)]
     pub orphans: Vec<OrphanInfo>,
+    /// Server-wide budgets (handshakes, sessions, threads, payload bytes).
+    #[serde(default)]
+    pub budgets: Vec<BudgetInfo>,
+}
+
+/// One server-wide budget: what is in use, the limit, and how often it refused or made a
+/// request wait since start.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BudgetInfo {
+    pub name: String,
+    pub used: u64,
+    pub limit: u64,
+    pub refused: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -59,6 +59,7 @@ use super::limits::*;
 use super::session::{execute, io_error, validate, Encoder, Export, Outcome, Request, Verdict};
 pub use super::socket::Socket;
 use super::wire::*;
+use crate::budget::{Budgets, PayloadLease, ThreadLease};
 use crate::metrics::SessionMetrics;
 
 mod stopping;
@@ -78,11 +79,13 @@ struct GateState {
     waiting: usize,
 }
 
-/// One request's share of the gate, released on drop (after its reply is encoded).
+/// One request's share of the gate (and of the server's payload budget), released on drop
+/// (after its reply is encoded).
 #[derive(Debug)]
 pub struct Ticket {
     gate: Arc<Gate>,
     bytes: usize,
+    _payload: Option<PayloadLease>,
 }
 
 impl Gate {
@@ -109,6 +112,7 @@ impl Gate {
         Ticket {
             gate: Arc::clone(self),
             bytes,
+            _payload: None,
         }
     }
 }
@@ -183,16 +187,28 @@ fn writer_loop(
     rx: mpsc::Receiver<Reply>,
     sock: Arc<Mutex<Socket>>,
     enc: Encoder,
+    ended: CancellationToken,
 ) -> io::Result<()> {
     let mut out = Vec::with_capacity(WRITE_BATCH_BYTES + COPY_MAX_BYTES);
-    while let Ok(first) = rx.recv() {
-        queue(&enc, &sock, &mut out, first)?;
-        while let Ok(more) = rx.try_recv() {
-            queue(&enc, &sock, &mut out, more)?;
+    let sent = (|| {
+        while let Ok(first) = rx.recv() {
+            queue(&enc, &sock, &mut out, first)?;
+            while let Ok(more) = rx.try_recv() {
+                queue(&enc, &sock, &mut out, more)?;
+            }
+            send(&sock, &mut out, None)?;
         }
-        send(&sock, &mut out, None)?;
+        Ok(())
+    })();
+    if sent.is_err() {
+        // No reply can reach the client any more (it stopped reading, or left): end the
+        // session rather than go on reading requests whose replies would be dropped.
+        ended.cancel();
+        sock.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .shutdown_read();
     }
-    Ok(())
+    sent
 }
 
 pub(crate) fn read_request(r: &mut impl BufRead, extended: bool) -> io::Result<Option<Request>> {
@@ -354,6 +370,10 @@ struct Shared {
     metrics: Arc<SessionMetrics>,
     /// Cancelled by the server just before it shuts the read side down (see the `stopping` module).
     stopping: CancellationToken,
+    /// Cancelled once the session is ending for any reason (a child of `stopping`): stops
+    /// a reader waiting for the server's payload budget.
+    ended: CancellationToken,
+    budgets: Arc<Budgets>,
 }
 
 /// A validated request, ready to run.
@@ -417,7 +437,18 @@ impl Shared {
             // We may block in the gate: do not sit on replies meanwhile.
             send(&self.write_half, out, None).map_err(End::WriterGone)?;
         }
-        let ticket = self.gate.enter(data_bytes);
+        let mut ticket = self.gate.enter(data_bytes);
+        if data_bytes > 0 {
+            if !out.is_empty() && !self.budgets.payload.has_room(data_bytes) {
+                send(&self.write_half, out, None).map_err(End::WriterGone)?;
+            }
+            ticket._payload = self.budgets.payload.take(data_bytes, &self.ended);
+            if ticket._payload.is_none() && !self.stopping.is_cancelled() {
+                return Err(End::WriterGone(io::Error::other(
+                    "the session ended while a request waited for the payload budget",
+                )));
+            }
+        }
         if self.stopping.is_cancelled() {
             // The session stopped while this request waited for room: it has not started.
             drop(ticket);
@@ -653,25 +684,38 @@ impl Shared {
             })
             .is_ok_and(|n| n + 1 == REQUESTS_BEFORE_GROWTH);
         if grow {
-            self.spawn_workers(CONNECTION_THREADS_MAX - CONNECTION_THREADS, tx, scope);
+            for _ in CONNECTION_THREADS..CONNECTION_THREADS_MAX {
+                // The server's thread budget decides how far a session grows.
+                let Some(lease) = self.budgets.threads.grow_one() else {
+                    break;
+                };
+                if !self.spawn_worker(Some(lease), tx, scope) {
+                    break;
+                }
+            }
         }
     }
 
-    /// Starts `n` more connection threads; a thread that cannot start is only a warning.
-    fn spawn_workers<'scope>(
+    /// Starts one more connection thread (counted by `lease` if it is beyond the session's
+    /// base); a thread that cannot start is only a warning.
+    fn spawn_worker<'scope>(
         &'scope self,
-        n: usize,
+        lease: Option<ThreadLease>,
         tx: &mpsc::Sender<Reply>,
         scope: &'scope std::thread::Scope<'scope, '_>,
-    ) {
-        for _ in 0..n {
-            let tx = tx.clone();
-            let spawned = std::thread::Builder::new()
-                .name("nbd-conn".into())
-                .spawn_scoped(scope, move || self.worker(&tx, scope));
-            if let Err(e) = spawned {
+    ) -> bool {
+        let tx = tx.clone();
+        let spawned = std::thread::Builder::new()
+            .name("nbd-conn".into())
+            .spawn_scoped(scope, move || {
+                self.worker(&tx, scope);
+                drop(lease);
+            });
+        match spawned {
+            Ok(_) => true,
+            Err(e) => {
                 tracing::warn!(error = %e, "cannot start another connection thread");
-                return;
+                false
             }
         }
     }
@@ -690,6 +734,7 @@ impl Shared {
         if rd.end.is_none() {
             rd.end = Some(end);
         }
+        self.ended.cancel();
         self.control.shutdown_read();
     }
 }
@@ -701,7 +746,13 @@ pub fn run(
     runtime: Handle,
     metrics: Arc<SessionMetrics>,
     stopping: CancellationToken,
+    budgets: Arc<Budgets>,
 ) -> End {
+    // This thread, the second worker and the writer: covered by the session's slot.
+    let _base = budgets.threads.base(CONNECTION_THREADS_BASE);
+    if let Err(e) = sock.set_send_timeout(budgets.send_timeout) {
+        return End::WriterGone(e);
+    }
     let enc = Encoder::new(
         neg.structured,
         neg.extended,
@@ -715,11 +766,12 @@ pub fn run(
         Err(e) => return End::WriterGone(e),
     };
     let (tx, rx) = mpsc::channel::<Reply>();
+    let ended = stopping.child_token();
     let writer = {
-        let sock = Arc::clone(&write_half);
+        let (sock, ended) = (Arc::clone(&write_half), ended.clone());
         std::thread::Builder::new()
             .name("nbd-writer".into())
-            .spawn(move || writer_loop(rx, sock, enc))
+            .spawn(move || writer_loop(rx, sock, enc, ended))
     };
     let writer = match writer {
         Ok(w) => w,
@@ -750,9 +802,13 @@ pub fn run(
         runtime,
         metrics,
         stopping,
+        ended,
+        budgets,
     };
     std::thread::scope(|scope| {
-        shared.spawn_workers(CONNECTION_THREADS - 1, &tx, scope);
+        for _ in 1..CONNECTION_THREADS {
+            shared.spawn_worker(None, &tx, scope);
+        }
         shared.worker(&tx, scope);
     });
     // Requests already read still complete: the writer ends once the last in-flight task

@@ -13,6 +13,7 @@
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use volmgr::{Volume, VolumeManager};
 use zerocopy::big_endian::{U32, U64};
@@ -21,6 +22,7 @@ use zerocopy::{FromBytes, IntoBytes};
 use super::limits::*;
 use super::tls::TlsMode;
 use super::wire::*;
+use crate::budget::Budgets;
 
 /// What the client and server agreed on.
 #[derive(Debug)]
@@ -31,6 +33,17 @@ pub struct Negotiated {
     /// Context id of `base:allocation` if the client selected it.
     pub meta_allocation: Option<u32>,
     pub flags: u16,
+    /// The session's slot in the server's session budget, held for the session's life.
+    pub slot: Option<OwnedSemaphorePermit>,
+}
+
+/// What the server decides about a connection beyond the protocol.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    /// Cancelled at server shutdown: options are then refused with `ERR_SHUTDOWN`.
+    pub shutdown: CancellationToken,
+    /// The session budget: a GO beyond it is refused with `ERR_POLICY`.
+    pub budgets: Arc<Budgets>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +58,8 @@ pub enum HandshakeError {
     Tls(std::io::Error),
     #[error("EXPORT_NAME while the server is shutting down")]
     ShuttingDown,
+    #[error("EXPORT_NAME while every session slot is in use")]
+    Busy,
 }
 
 fn violation(why: impl Into<String>) -> HandshakeError {
@@ -135,8 +150,7 @@ pub struct Handshake {
     /// Options left before the connection is cut (counted across the upgrade).
     options_left: usize,
     tls: TlsState,
-    /// Cancelled at server shutdown: options are then refused with `ERR_SHUTDOWN`.
-    shutdown: CancellationToken,
+    admission: Admission,
 }
 
 /// Runs a plain handshake (no TLS configured). `Ok(None)` means the client ended it cleanly.
@@ -144,14 +158,14 @@ pub async fn negotiate<R, W>(
     r: &mut R,
     w: &mut W,
     mgr: &VolumeManager,
-    shutdown: &CancellationToken,
+    admission: &Admission,
 ) -> Result<Option<Negotiated>, HandshakeError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut s = tokio::io::join(r, w);
-    let mut hs = Handshake::greet(&mut s, TlsState::Off, shutdown).await?;
+    let mut hs = Handshake::greet(&mut s, TlsState::Off, admission).await?;
     match hs.options(&mut s, mgr).await? {
         Outcome::Go(neg) => Ok(Some(neg)),
         Outcome::Aborted => Ok(None),
@@ -164,7 +178,7 @@ impl Handshake {
     pub async fn greet<S>(
         s: &mut S,
         tls: TlsState,
-        shutdown: &CancellationToken,
+        admission: &Admission,
     ) -> Result<Handshake, HandshakeError>
     where
         S: AsyncRead + AsyncWrite + Unpin,
@@ -185,8 +199,18 @@ impl Handshake {
             no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
             options_left: OPTIONS_MAX,
             tls,
-            shutdown: shutdown.clone(),
+            admission: admission.clone(),
         })
+    }
+
+    /// A slot in the session budget, or `None` (counted and logged) when all are in use.
+    fn session_slot(&self) -> Option<OwnedSemaphorePermit> {
+        let budgets = &self.admission.budgets;
+        let slot = Arc::clone(&budgets.sessions).try_acquire_owned().ok();
+        if slot.is_none() {
+            budgets.session_refused();
+        }
+        slot
     }
 
     /// Records that the TLS handshake after STARTTLS succeeded.
@@ -262,7 +286,7 @@ impl Handshake {
             .await?;
             return Ok(None);
         }
-        if self.shutdown.is_cancelled() && option != OPT_ABORT {
+        if self.admission.shutdown.is_cancelled() && option != OPT_ABORT {
             if option == OPT_EXPORT_NAME {
                 return Err(HandshakeError::ShuttingDown);
             }
@@ -296,6 +320,8 @@ impl Handshake {
                 let volume = mgr
                     .lookup(&name)
                     .ok_or_else(|| violation(format!("EXPORT_NAME for unknown export {name:?}")))?;
+                // EXPORT_NAME has no error reply: at the session limit, close.
+                let slot = self.session_slot().ok_or(HandshakeError::Busy)?;
                 let flags = transmission_flags(&volume, st.structured);
                 let mut out = Vec::with_capacity(10 + 124);
                 out.extend_from_slice(&volume.size_bytes().to_be_bytes());
@@ -305,7 +331,7 @@ impl Handshake {
                 }
                 w.write_all(&out).await?;
                 w.flush().await?;
-                return Ok(Some(Outcome::Go(st.negotiated(volume, &name))));
+                return Ok(Some(Outcome::Go(st.negotiated(volume, &name, slot))));
             }
             OPT_ABORT => {
                 // The client may hang up without reading the ACK.
@@ -354,10 +380,23 @@ impl Handshake {
                 }
             }
             OPT_INFO | OPT_GO => {
+                let slot = if option == OPT_GO {
+                    let Some(slot) = self.session_slot() else {
+                        let max = self.admission.budgets.sessions_max();
+                        let why = format!(
+                            "server busy: all {max} sessions are in use (its --max-connections); try again later"
+                        );
+                        error(w, option, REP_ERR_POLICY, &why).await?;
+                        return Ok(None);
+                    };
+                    Some(slot)
+                } else {
+                    None
+                };
                 if let Some((volume, name)) = st.info(w, option, &data).await? {
-                    if option == OPT_GO {
+                    if let Some(slot) = slot {
                         w.flush().await?;
-                        return Ok(Some(Outcome::Go(st.negotiated(volume, &name))));
+                        return Ok(Some(Outcome::Go(st.negotiated(volume, &name, slot))));
                     }
                 }
             }
@@ -473,8 +512,14 @@ fn parse_meta(data: &[u8]) -> Result<(String, Vec<String>), &'static str> {
 
 impl State<'_> {
     /// The outcome of a successful GO or EXPORT_NAME for `export`.
-    fn negotiated(&self, volume: Arc<Volume>, export: &str) -> Negotiated {
+    fn negotiated(
+        &self,
+        volume: Arc<Volume>,
+        export: &str,
+        slot: OwnedSemaphorePermit,
+    ) -> Negotiated {
         Negotiated {
+            slot: Some(slot),
             flags: transmission_flags(&volume, self.structured),
             volume,
             structured: self.structured,

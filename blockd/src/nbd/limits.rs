@@ -30,8 +30,30 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const INFLIGHT_MAX: usize = 128;
 /// Payload bytes in flight on one connection (read buffers and write payloads).
 pub const INFLIGHT_BYTES_MAX: usize = 128 << 20;
-/// Default cap on concurrent client connections (configurable with `--max-connections`).
+/// Default cap on established sessions (configurable with `--max-connections`): each holds
+/// [`CONNECTION_THREADS_BASE`] threads and up to [`INFLIGHT_BYTES_MAX`] of payload (the
+/// server-wide [`PAYLOAD_BUDGET_BYTES`] bounds the sum), and a few file descriptors.
 pub const CONNECTIONS_DEFAULT_MAX: usize = 256;
+/// Connections still in the handshake, apart from sessions. Each costs a file descriptor and
+/// a few KiB; beyond this, a new connection evicts the oldest one still negotiating, so a
+/// flood that never speaks cannot lock real clients out (a real client finishes its
+/// handshake in milliseconds, long before 1024 newer connections arrive).
+pub const HANDSHAKES_MAX: usize = 1024;
+/// Threads every session has: the reader/worker pair and the reply writer.
+pub const CONNECTION_THREADS_BASE: usize = CONNECTION_THREADS + 1;
+/// Threads that busy sessions may grow by, server-wide, beyond their base threads: enough for
+/// 16 sessions at [`CONNECTION_THREADS_MAX`]. More threads than that only add scheduling and
+/// memory on a node with a handful of cores; a session denied growth still runs, on its
+/// base threads.
+pub const GROWTH_THREADS_BUDGET: usize = 16 * (CONNECTION_THREADS_MAX - CONNECTION_THREADS);
+/// Request payload held in memory across all sessions (read buffers and write payloads in
+/// flight): 8 sessions at their own cap ([`INFLIGHT_BYTES_MAX`]). Without it, every client
+/// that never reads its replies would pin 128 MiB. Readers wait for room, as at their own cap.
+pub const PAYLOAD_BUDGET_BYTES: usize = 8 * INFLIGHT_BYTES_MAX;
+/// A reply that cannot be sent for this long ends its session: the client stopped reading,
+/// and its session would hold its payload and threads for ever. Generous, so that a client
+/// paused for a moment (a VM snapshot, a debugger) is not cut off.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// Extents in one BLOCK_STATUS reply: clients re-query for the rest; keeps replies small.
 pub const EXTENTS_MAX: usize = 1024;
 /// How long a shutdown waits for sessions to finish their in-flight requests.
@@ -90,6 +112,7 @@ pub const WRITE_BATCH_BYTES: usize = 256 << 10;
 pub const TLS_SEND_BUFFER_KEEP_BYTES: usize = 4 << 20;
 
 const _: () = assert!(PAYLOAD_MAX_BYTES as usize <= INFLIGHT_BYTES_MAX);
+const _: () = assert!(INFLIGHT_BYTES_MAX <= PAYLOAD_BUDGET_BYTES);
 const _: () = assert!(PAYLOAD_MAX_BYTES as usize <= raid::buf::MAX_POOLED_BYTES);
 const _: () = assert!(BLOCK_PREFERRED_BYTES.is_multiple_of(BLOCK_MIN_BYTES));
 const _: () = assert!(HANDSHAKE_SHUTDOWN_GRACE.as_millis() < SHUTDOWN_GRACE.as_millis());

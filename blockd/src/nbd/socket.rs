@@ -145,6 +145,15 @@ impl Socket {
         self.tls.is_some()
     }
 
+    /// A send that makes no progress for `timeout` fails (`SO_SNDTIMEO`, shared by every
+    /// handle on the socket), so a client that stops reading cannot hold its session.
+    pub fn set_send_timeout(&self, timeout: std::time::Duration) -> io::Result<()> {
+        match &self.plain {
+            Plain::Tcp(s) => s.set_write_timeout(Some(timeout)),
+            Plain::Unix(s) => s.set_write_timeout(Some(timeout)),
+        }
+    }
+
     /// Shuts down the read side: a thread blocked reading sees EOF.
     pub fn shutdown_read(&self) {
         self.plain.shutdown(Shutdown::Read);

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use hyper::Method;
-use volmgr::api::{CreateVolume, OrphanInfo, ResizeVolume, StatusInfo, VolumeInfo, VolumeState};
+use volmgr::api::{
+    BudgetInfo, CreateVolume, OrphanInfo, ResizeVolume, StatusInfo, VolumeInfo, VolumeState,
+};
 use volmgr::size::{format_size, parse_size};
 
 use crate::client::{Client, ClientError};
@@ -201,6 +203,23 @@ fn escape(name: &str) -> String {
     out
 }
 
+/// One line per server-wide budget: used/limit, and how often it refused or made a request
+/// wait since start.
+fn budget_summary(budgets: &[BudgetInfo]) -> String {
+    budgets
+        .iter()
+        .map(|b| {
+            let (used, limit) = if b.name.ends_with("_bytes") {
+                (format_size(b.used), format_size(b.limit))
+            } else {
+                (b.used.to_string(), b.limit.to_string())
+            };
+            format!("{} {used}/{limit} (refused {})", b.name, b.refused)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Runs one command; returns what to print on stdout.
 pub async fn run(cli: Cli) -> Result<String, ClientError> {
     let client = Client::new(&cli.socket);
@@ -225,6 +244,7 @@ pub async fn run(cli: Cli) -> Result<String, ClientError> {
                         s.catalog_generation.to_string(),
                     ],
                     vec!["unavailable volumes".into(), s.unavailable.to_string()],
+                    vec!["budgets".into(), budget_summary(&s.budgets)],
                     vec![
                         "orphan files".into(),
                         if s.orphans.is_empty() {
