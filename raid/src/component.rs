@@ -123,13 +123,37 @@ impl Component {
 
     /// Opens an existing component file.
     pub fn open(engine: DeviceEngine, path: &Path, cache: CacheMode) -> io::Result<Component> {
-        let buffered = OpenOptions::new().read(true).write(true).open(path)?;
+        Self::open_with(engine, path, cache, 0)
+    }
+
+    /// Like [`Component::open`], but a symlink at `path` is refused (`ELOOP`): for files the
+    /// catalog names, which must be regular files inside their directory, even if one is
+    /// swapped for a link after it was checked.
+    pub fn open_no_follow(
+        engine: DeviceEngine,
+        path: &Path,
+        cache: CacheMode,
+    ) -> io::Result<Component> {
+        Self::open_with(engine, path, cache, libc::O_NOFOLLOW)
+    }
+
+    fn open_with(
+        engine: DeviceEngine,
+        path: &Path,
+        cache: CacheMode,
+        flags: i32,
+    ) -> io::Result<Component> {
+        let buffered = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(flags)
+            .open(path)?;
         let direct = match cache {
             CacheMode::Writeback => None,
             CacheMode::None => match OpenOptions::new()
                 .read(true)
                 .write(true)
-                .custom_flags(libc::O_DIRECT)
+                .custom_flags(libc::O_DIRECT | flags)
                 .open(path)
             {
                 Ok(file) => Some(Arc::new(file)),
@@ -574,6 +598,26 @@ mod tests {
         std::fs::write(&path, &data).unwrap();
         let c = Component::open(DeviceEngine::sync(), &path, CacheMode::Writeback).unwrap();
         (path, c)
+    }
+
+    /// A catalog's file swapped for a symlink after it was checked is still refused.
+    #[test]
+    fn open_no_follow_refuses_a_symlink() {
+        let dir = std::env::temp_dir();
+        let (path, _) = patterned(&dir);
+        let link = dir.join(format!("component-link-{}", std::process::id()));
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        for cache in [CacheMode::Writeback, CacheMode::None] {
+            let err = Component::open_no_follow(DeviceEngine::sync(), &link, cache).unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::ELOOP), "{err}");
+        }
+        assert!(
+            Component::open_no_follow(DeviceEngine::sync(), &path, CacheMode::Writeback).is_ok()
+        );
+        assert!(Component::open(DeviceEngine::sync(), &link, CacheMode::Writeback).is_ok());
+        std::fs::remove_file(link).unwrap();
+        std::fs::remove_file(path).unwrap();
     }
 
     /// tmpfs refuses `RWF_NOWAIT`, so without the in-memory rule every read there went to

@@ -206,7 +206,7 @@ impl VolumeManager {
         }
         files::tighten(&path, files::PRIVATE_FILE_MODE)
             .map_err(|e| format!("cannot make its file {file} private: {e}"))?;
-        let part = Component::open(engine.clone(), &path, rec.cache)
+        let part = Component::open_no_follow(engine.clone(), &path, rec.cache)
             .map_err(|e| format!("cannot open its file {file}: {e}"))?;
         Ok(Volume::new(
             rec.id,

@@ -235,7 +235,13 @@ impl LocalFileStore {
     /// reserve is still there when a delete needs it.
     fn store_with(&self, catalog: &mut Catalog, may_use_reserve: bool) -> Result<(), CatalogError> {
         let mut next = catalog.clone();
-        next.generation += 1;
+        next.generation = next
+            .generation
+            .checked_add(1)
+            .ok_or_else(|| CatalogError::Invalid {
+                path: self.path.clone(),
+                why: "its generation is at the largest number and cannot advance".into(),
+            })?;
         let bytes = encode(&next)?;
         match self.write_replace(&bytes) {
             Ok(()) => {}
