@@ -43,92 +43,31 @@
 //! answered as usual; those received but not started are answered `ESHUTDOWN` (the
 //! `stopping` module says how); then the session closes.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufReader, Read};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use raid::IoBuf;
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use volmgr::Volume;
-use zerocopy::FromBytes;
 
 use super::handshake::Negotiated;
 use super::limits::*;
 use super::session::{execute, io_error, validate, Encoder, Export, Outcome, Request, Verdict};
 pub use super::socket::Socket;
 use super::wire::*;
-use crate::budget::{Budgets, PayloadLease, ThreadLease};
+use crate::budget::{Budgets, ThreadLease};
 use crate::metrics::SessionMetrics;
 
+mod framing;
+mod gate;
 mod stopping;
 
-/// Counts requests and payload bytes in flight; [`Gate::enter`] blocks at the caps.
-#[derive(Debug, Default)]
-struct Gate {
-    state: Mutex<GateState>,
-    cv: Condvar,
-}
-
-#[derive(Debug, Default)]
-struct GateState {
-    requests: usize,
-    bytes: usize,
-    /// Threads blocked in `enter`: only then does a release need to wake anyone.
-    waiting: usize,
-}
-
-/// One request's share of the gate (and of the server's payload budget), released on drop
-/// (after its reply is encoded).
-#[derive(Debug)]
-pub struct Ticket {
-    gate: Arc<Gate>,
-    bytes: usize,
-    _payload: Option<PayloadLease>,
-}
-
-impl Gate {
-    fn lock(&self) -> MutexGuard<'_, GateState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn full(&self) -> bool {
-        self.lock().requests >= INFLIGHT_MAX
-    }
-
-    fn enter(self: &Arc<Self>, bytes: usize) -> Ticket {
-        let mut st = self.lock();
-        // A request alone may always enter (it is within PAYLOAD_MAX <= INFLIGHT_BYTES_MAX).
-        while st.requests > 0
-            && (st.requests >= INFLIGHT_MAX || st.bytes + bytes > INFLIGHT_BYTES_MAX)
-        {
-            st.waiting += 1;
-            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
-            st.waiting -= 1;
-        }
-        st.requests += 1;
-        st.bytes += bytes;
-        Ticket {
-            gate: Arc::clone(self),
-            bytes,
-            _payload: None,
-        }
-    }
-}
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        let mut st = self.gate.lock();
-        st.requests -= 1;
-        st.bytes -= self.bytes;
-        let wake = st.waiting > 0;
-        drop(st);
-        if wake {
-            self.gate.cv.notify_all();
-        }
-    }
-}
+pub(crate) use framing::{complete_request, drain, read_request};
+use framing::{queue, send, writer_loop};
+use gate::{Gate, Ticket};
 
 /// A finished request on its way to the socket.
 #[derive(Debug)]
@@ -147,152 +86,6 @@ pub enum End {
     Shutdown,
     Framing(io::Error),
     WriterGone(io::Error),
-}
-
-/// Writes `out` (and a large payload after it) to the socket under its lock, with one
-/// `writev` where the socket takes it all.
-fn send(sock: &Mutex<Socket>, out: &mut Vec<u8>, data: Option<&IoBuf>) -> io::Result<()> {
-    let mut s = sock.lock().unwrap_or_else(|p| p.into_inner());
-    let data = data.map_or(&[][..], IoBuf::as_slice);
-    let (mut a, mut b) = (&out[..], data);
-    while !a.is_empty() || !b.is_empty() {
-        let n = s.write_vectored(&[io::IoSlice::new(a), io::IoSlice::new(b)])?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        let from_a = n.min(a.len());
-        a = &a[from_a..];
-        b = &b[n - from_a..];
-    }
-    out.clear();
-    Ok(())
-}
-
-/// Appends one reply to `out`, sending at once if it carries a large payload or the batch
-/// is full.
-fn queue(enc: &Encoder, sock: &Mutex<Socket>, out: &mut Vec<u8>, reply: Reply) -> io::Result<()> {
-    if let Some(data) = enc.encode(out, reply.req, reply.outcome) {
-        if data.len() >= COPY_MAX_BYTES {
-            return send(sock, out, Some(&data));
-        }
-        out.extend_from_slice(data.as_slice());
-    }
-    if out.len() >= WRITE_BATCH_BYTES {
-        send(sock, out, None)?;
-    }
-    Ok(())
-}
-
-fn writer_loop(
-    rx: mpsc::Receiver<Reply>,
-    sock: Arc<Mutex<Socket>>,
-    enc: Encoder,
-    ended: CancellationToken,
-) -> io::Result<()> {
-    let mut out = Vec::with_capacity(WRITE_BATCH_BYTES + COPY_MAX_BYTES);
-    let sent = (|| {
-        while let Ok(first) = rx.recv() {
-            queue(&enc, &sock, &mut out, first)?;
-            while let Ok(more) = rx.try_recv() {
-                queue(&enc, &sock, &mut out, more)?;
-            }
-            send(&sock, &mut out, None)?;
-        }
-        Ok(())
-    })();
-    if sent.is_err() {
-        // No reply can reach the client any more (it stopped reading, or left): end the
-        // session rather than go on reading requests whose replies would be dropped.
-        ended.cancel();
-        sock.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .shutdown_read();
-    }
-    sent
-}
-
-pub(crate) fn read_request(r: &mut impl BufRead, extended: bool) -> io::Result<Option<Request>> {
-    let mut raw = [0u8; EXTENDED_REQUEST_BYTES];
-    let size = if extended {
-        EXTENDED_REQUEST_BYTES
-    } else {
-        COMPACT_REQUEST_BYTES
-    };
-    // EOF between requests is a clean end; EOF inside a header is a framing error.
-    if r.fill_buf()?.is_empty() {
-        return Ok(None);
-    }
-    r.read_exact(&mut raw[..size])?;
-    let bad = || io::Error::new(io::ErrorKind::InvalidData, "bad request magic");
-    if extended {
-        let h = ExtendedRequest::ref_from_bytes(&raw[..]).map_err(|_| bad())?;
-        if h.magic.get() != EXTENDED_REQUEST_MAGIC {
-            return Err(bad());
-        }
-        let (kind, flags, cookie) = (h.kind.get(), h.flags.get(), h.cookie.get());
-        Ok(Some(Request {
-            kind,
-            flags,
-            cookie,
-            offset: h.offset.get(),
-            len: h.length.get(),
-        }))
-    } else {
-        let h = CompactRequest::ref_from_bytes(&raw[..size]).map_err(|_| bad())?;
-        if h.magic.get() != REQUEST_MAGIC {
-            return Err(bad());
-        }
-        let (kind, flags, cookie) = (h.kind.get(), h.flags.get(), h.cookie.get());
-        Ok(Some(Request {
-            kind,
-            flags,
-            cookie,
-            offset: h.offset.get(),
-            len: u64::from(h.length.get()),
-        }))
-    }
-}
-
-/// True when `buf` holds a whole request: its header and any payload it carries. Reading it
-/// then needs no `recv`, so cannot block.
-pub(crate) fn complete_request(buf: &[u8], extended: bool) -> bool {
-    let (size, payload) = if extended {
-        match ExtendedRequest::ref_from_prefix(buf) {
-            Ok((h, _)) => {
-                let has_payload =
-                    h.kind.get() == CMD_WRITE || h.flags.get() & CMD_FLAG_PAYLOAD_LEN != 0;
-                (
-                    EXTENDED_REQUEST_BYTES,
-                    if has_payload { h.length.get() } else { 0 },
-                )
-            }
-            Err(_) => return false,
-        }
-    } else {
-        match CompactRequest::ref_from_prefix(buf) {
-            Ok((h, _)) => {
-                let payload = if h.kind.get() == CMD_WRITE {
-                    u64::from(h.length.get())
-                } else {
-                    0
-                };
-                (COMPACT_REQUEST_BYTES, payload)
-            }
-            Err(_) => return false,
-        }
-    };
-    (size as u64).saturating_add(payload) <= buf.len() as u64
-}
-
-pub(crate) fn drain(r: &mut impl Read, n: u64) -> io::Result<()> {
-    let copied = io::copy(&mut r.take(n), &mut io::sink())?;
-    if copied != n {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "payload cut short",
-        ));
-    }
-    Ok(())
 }
 
 /// Runs a request inline if it is cheap, or if it is the connection's only request in flight
@@ -442,8 +235,8 @@ impl Shared {
             if !out.is_empty() && !self.budgets.payload.has_room(data_bytes) {
                 send(&self.write_half, out, None).map_err(End::WriterGone)?;
             }
-            ticket._payload = self.budgets.payload.take(data_bytes, &self.ended);
-            if ticket._payload.is_none() && !self.stopping.is_cancelled() {
+            let lease = self.budgets.payload.take(data_bytes, &self.ended);
+            if !ticket.hold(lease) && !self.stopping.is_cancelled() {
                 return Err(End::WriterGone(io::Error::other(
                     "the session ended while a request waited for the payload budget",
                 )));
@@ -614,7 +407,7 @@ impl Shared {
                 rd.burst = 0;
             }
             // Nothing buffered and nothing else in flight: latency matters more than overlap.
-            let alone = !more && self.gate.lock().requests == 1;
+            let alone = !more && self.gate.in_flight() == 1;
             // A lone O_DIRECT transfer sleeps on the disk: handing the read side over would
             // only add a wake-up of the other thread to every round trip (measured: QD1 p50
             // 111 us with the hand-off, 76 us without). Keep it, after sending any replies.
@@ -830,40 +623,5 @@ pub fn run(
     match (end, written) {
         (end @ (End::Eof | End::Disconnect), _) | (end, Ok(())) => end,
         (_, Err(e)) => End::WriterGone(e),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use zerocopy::big_endian::{U16, U32, U64};
-    use zerocopy::IntoBytes;
-
-    fn compact(kind: u16, len: u32) -> Vec<u8> {
-        let h = CompactRequest {
-            magic: U32::new(REQUEST_MAGIC),
-            flags: U16::new(0),
-            kind: U16::new(kind),
-            cookie: U64::new(1),
-            offset: U64::new(0),
-            length: U32::new(len),
-        };
-        h.as_bytes().to_vec()
-    }
-
-    #[test]
-    fn complete_request_needs_header_and_payload() {
-        let read = compact(CMD_READ, 4096);
-        assert!(complete_request(&read, false));
-        assert!(!complete_request(&read[..27], false));
-        assert!(!complete_request(&[], false));
-        let mut write = compact(CMD_WRITE, 512);
-        assert!(!complete_request(&write, false), "payload missing");
-        write.extend_from_slice(&[0; 511]);
-        assert!(!complete_request(&write, false), "payload short by one");
-        write.push(0);
-        assert!(complete_request(&write, false));
-        // A 28-byte compact header is not a 32-byte extended one.
-        assert!(!complete_request(&read, true));
     }
 }
