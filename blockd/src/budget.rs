@@ -15,7 +15,8 @@
 //!   in flight) across all sessions. A reader waits for room, as it does at its own
 //!   session's cap.
 //!
-//! Refusals are counted (`blockd_budget_refused_total`) and logged at most once per second.
+//! Refusals are counted (`blockd_budget_refused_total`, with waits for payload room) and
+//! logged at most once per second.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -75,7 +76,6 @@ impl Budgets {
     /// Records a GO refused because every session slot is taken.
     pub fn session_refused(&self) {
         self.sessions_refused.fetch_add(1, Relaxed);
-        counter!("blockd_budget_refused_total", "budget" => "sessions").increment(1);
         self.sessions_log.log(|n| {
             tracing::warn!(
                 refused = n,
@@ -118,10 +118,11 @@ impl Budgets {
         ]
     }
 
-    /// Sets the `blockd_budget_used`/`_limit` gauges (called before `/metrics` renders, so
-    /// the request path never touches the registry).
+    /// Sets the `blockd_budget_used`/`_limit` gauges and `blockd_budget_refused_total`
+    /// (called before `/metrics` renders, so the request path never touches the registry).
     pub fn publish(&self) {
         for b in self.infos() {
+            counter!("blockd_budget_refused_total", "budget" => b.name.clone()).absolute(b.refused);
             gauge!("blockd_budget_used", "budget" => b.name.clone()).set(b.used as f64);
             gauge!("blockd_budget_limit", "budget" => b.name).set(b.limit as f64);
         }
@@ -207,7 +208,6 @@ impl Handshakes {
         drop(set);
         if evicted > 0 {
             self.evicted.fetch_add(evicted, Relaxed);
-            counter!("blockd_budget_refused_total", "budget" => "handshakes").increment(evicted);
             self.log.log(|n| {
                 tracing::warn!(
                     evicted = n,
@@ -278,7 +278,6 @@ impl Threads {
             .fetch_update(Relaxed, Relaxed, |u| (u < self.limit).then_some(u + 1));
         if taken.is_err() {
             self.denied.fetch_add(1, Relaxed);
-            counter!("blockd_budget_refused_total", "budget" => "threads").increment(1);
             return None;
         }
         Some(ThreadLease {
@@ -348,7 +347,6 @@ impl Payload {
             return Some(self.lease(n));
         }
         self.waits.fetch_add(1, Relaxed);
-        counter!("blockd_budget_refused_total", "budget" => "payload_bytes").increment(1);
         let mut waiting = lock(&self.waiting);
         *waiting += 1;
         let granted = loop {
