@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+mod backend;
 pub mod catalog;
 pub mod check;
 pub mod error;

@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use raid::{CacheMode, Component, DeviceEngine};
 
 use crate::api::{VolumeInfo, VolumeState};
+use crate::backend::Backend;
 use crate::catalog::{Catalog, CatalogError, CatalogStore, DeviceRecord, VolumeRecord};
 use crate::check::{self, LOCAL_DEVICE};
 use crate::error::Error;
@@ -214,7 +215,7 @@ impl VolumeManager {
             rec.size_bytes,
             rec.read_only,
             rec.layout,
-            part,
+            Backend::Local(part),
             false,
         ))
     }

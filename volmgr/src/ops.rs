@@ -26,6 +26,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use raid::{CacheMode, Component};
 
 use crate::api::OrphanInfo;
+use crate::backend::Backend;
 use crate::catalog::{Catalog, ComponentRecord, Layout, VolumeRecord};
 use crate::check::{validate_name, validate_size, LOCAL_DEVICE, SECTOR_BYTES};
 use crate::error::Error;
@@ -154,7 +155,7 @@ impl VolumeManager {
         if size_bytes == current {
             return Ok(volume);
         }
-        let component = volume.component();
+        let component = volume.backend();
         if let Err(e) = component.set_len(size_bytes).await {
             // ftruncate fails whole, but make sure the file is at the recorded size.
             if let Err(undo) = component.set_len(current).await {
@@ -343,7 +344,7 @@ impl VolumeManager {
             size_bytes,
             read_only,
             Layout::Plain,
-            part,
+            Backend::Local(part),
             true,
         ));
         inner.volumes.insert(name.to_string(), Arc::clone(&volume));

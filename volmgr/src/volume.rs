@@ -4,20 +4,18 @@
 //! size by the caller (the NBD session validates at the edge); they are checked again here
 //! with `checked_add` so a caller bug becomes `EINVAL`, never an out-of-range write.
 //!
-//! A plain layout maps volume byte `x` to byte `x` of its only component. Mirror and parity
-//! layouts will resolve ranges to several components here, invisible to the gateway.
+//! Where the bytes live is the volume's [`Backend`]: the gateway never sees it, and asks the
+//! volume for the fast paths that only a local component offers (they decline otherwise).
 
 use std::io;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use raid::{CacheMode, Component, Extent, IoBuf};
+use raid::{CacheMode, Extent, IoBuf};
 use tokio_util::sync::CancellationToken;
 
+use crate::backend::Backend;
 use crate::catalog::Layout;
-
-/// Largest buffer used to write zeros where the filesystem cannot zero a range in place.
-const ZERO_CHUNK_BYTES: u64 = 1 << 20;
 
 #[derive(Debug)]
 pub struct Volume {
@@ -26,7 +24,7 @@ pub struct Volume {
     size_bytes: AtomicU64,
     read_only: bool,
     layout: Layout,
-    component: Component,
+    backend: Backend,
     connections: AtomicUsize,
     /// Cancelled when the volume is deleted with `--force`: sessions end.
     closed: CancellationToken,
@@ -63,7 +61,7 @@ impl Volume {
         size_bytes: u64,
         read_only: bool,
         layout: Layout,
-        component: Component,
+        backend: Backend,
         ephemeral: bool,
     ) -> Volume {
         Volume {
@@ -72,7 +70,7 @@ impl Volume {
             size_bytes: AtomicU64::new(size_bytes),
             read_only,
             layout,
-            component,
+            backend,
             connections: AtomicUsize::new(0),
             closed: CancellationToken::new(),
             ephemeral,
@@ -95,7 +93,7 @@ impl Volume {
         self.read_only
     }
     pub fn cache(&self) -> CacheMode {
-        self.component.cache()
+        self.backend.cache()
     }
     pub fn layout(&self) -> Layout {
         self.layout
@@ -106,11 +104,17 @@ impl Volume {
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::Acquire)
     }
-    pub(crate) fn component(&self) -> &Component {
-        &self.component
+    pub(crate) fn backend(&self) -> &Backend {
+        &self.backend
     }
     pub fn allocated_bytes(&self) -> u64 {
-        self.component.allocated_bytes().unwrap_or(0)
+        self.backend.allocated_bytes()
+    }
+    /// Whether the fast paths of a local component (`try_read`, `write_now`, `read_now`,
+    /// `direct_now`, `submit_direct`) can serve this volume at all; when not, every request
+    /// takes the async operations.
+    pub fn has_local_fast_paths(&self) -> bool {
+        self.backend.local().is_some()
     }
     /// Resolves when the volume is force-deleted.
     pub fn closed(&self) -> CancellationToken {
@@ -147,20 +151,16 @@ impl Volume {
         if let Err(e) = self.check(offset, buf.len() as u64) {
             return (buf, Err(e));
         }
-        match self.layout {
-            Layout::Plain => self.component.read(offset, buf).await,
-        }
+        self.backend.read(offset, buf).await
     }
 
     /// Non-blocking read attempt (page cache hit); `Err` gives the buffer back for [`read`].
     ///
     /// [`read`]: Volume::read
     pub fn try_read(&self, offset: u64, buf: IoBuf) -> Result<(IoBuf, io::Result<()>), IoBuf> {
-        if self.check(offset, buf.len() as u64).is_err() {
-            return Err(buf);
-        }
-        match self.layout {
-            Layout::Plain => self.component.try_read(offset, buf),
+        match self.backend.local() {
+            Some(c) if self.check(offset, buf.len() as u64).is_ok() => c.try_read(offset, buf),
+            _ => Err(buf),
         }
     }
 
@@ -168,11 +168,14 @@ impl Volume {
     /// never an async task); not durable, so not for FUA. `Err` gives the buffer back when
     /// the request does not qualify; then use [`write`](Volume::write).
     pub fn write_now(&self, offset: u64, buf: IoBuf) -> Result<(IoBuf, io::Result<()>), IoBuf> {
-        if self.check_writable().is_err() || self.check(offset, buf.len() as u64).is_err() {
-            return Err(buf);
-        }
-        match self.layout {
-            Layout::Plain => self.component.write_now(offset, buf),
+        match self.backend.local() {
+            Some(c)
+                if self.check_writable().is_ok()
+                    && self.check(offset, buf.len() as u64).is_ok() =>
+            {
+                c.write_now(offset, buf)
+            }
+            _ => Err(buf),
         }
     }
 
@@ -185,33 +188,33 @@ impl Volume {
         offset: u64,
         buf: IoBuf,
     ) -> Result<(IoBuf, io::Result<()>), IoBuf> {
-        if !self.is_direct_path(write, offset, buf.len()) {
-            return Err(buf);
-        }
-        match self.layout {
-            Layout::Plain => self.component.direct_now(write, offset, buf),
+        match self.backend.local() {
+            Some(c) if self.is_direct_path(write, offset, buf.len()) => {
+                c.direct_now(write, offset, buf)
+            }
+            _ => Err(buf),
         }
     }
 
     /// Blocking page-cache read on a connection thread (never an async task), for a request
     /// with nothing else in flight. `Err` gives the buffer back when it does not qualify.
     pub fn read_now(&self, offset: u64, buf: IoBuf) -> Result<(IoBuf, io::Result<()>), IoBuf> {
-        if self.check(offset, buf.len() as u64).is_err() {
-            return Err(buf);
-        }
-        match self.layout {
-            Layout::Plain => self.component.read_now(offset, buf),
+        match self.backend.local() {
+            Some(c) if self.check(offset, buf.len() as u64).is_ok() => c.read_now(offset, buf),
+            _ => Err(buf),
         }
     }
 
-    /// Whether `submit_direct` can take this request (cache `none`, aligned, in range).
+    /// Whether `submit_direct` can take this request (a local component with cache `none`,
+    /// aligned, in range).
     pub fn is_direct_path(&self, write: bool, offset: u64, len: usize) -> bool {
         let writable = !write || self.check_writable().is_ok();
         writable
             && self.check(offset, len as u64).is_ok()
-            && match self.layout {
-                Layout::Plain => self.component.is_direct_path(offset, len),
-            }
+            && self
+                .backend
+                .local()
+                .is_some_and(|c| c.is_direct_path(offset, len))
     }
 
     /// Starts an `O_DIRECT` read or write without an async task; `done` runs on the engine's
@@ -224,11 +227,11 @@ impl Volume {
         fua: bool,
         done: impl FnOnce(IoBuf, io::Result<()>) + Send + 'static,
     ) {
-        if !self.is_direct_path(write, offset, buf.len()) {
-            return done(buf, Err(einval("not a direct-path request")));
-        }
-        match self.layout {
-            Layout::Plain => self.component.submit_direct(write, offset, buf, fua, done),
+        match self.backend.local() {
+            Some(c) if self.is_direct_path(write, offset, buf.len()) => {
+                c.submit_direct(write, offset, buf, fua, done)
+            }
+            _ => done(buf, Err(einval("not a direct-path request"))),
         }
     }
 
@@ -240,25 +243,21 @@ impl Volume {
         {
             return (buf, Err(e));
         }
-        match self.layout {
-            Layout::Plain => self.component.write(offset, buf, fua).await,
-        }
+        self.backend.write(offset, buf, fua).await
     }
 
     /// Makes every write completed before this call durable, on every component.
     pub async fn flush(&self) -> io::Result<()> {
-        match self.layout {
-            Layout::Plain => self.component.flush().await,
-        }
+        self.backend.flush().await
     }
 
     /// Discards a range (it reads back as zeros afterwards).
     pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
         self.check_writable()?;
         self.check(offset, len)?;
-        self.component.punch_hole(offset, len).await?;
+        self.backend.trim(offset, len).await?;
         if fua {
-            self.component.flush().await?;
+            self.backend.flush().await?;
         }
         Ok(())
     }
@@ -275,37 +274,11 @@ impl Volume {
     ) -> io::Result<()> {
         self.check_writable()?;
         self.check(offset, len)?;
-        let c = &self.component;
-        if may_punch {
-            c.punch_hole(offset, len).await?;
-        } else {
-            match c.zero_range(offset, len).await {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::Unsupported => {
-                    if fast_only {
-                        return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
-                    }
-                    self.write_zero_buffers(offset, len).await?;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        self.backend
+            .write_zeroes(offset, len, may_punch, fast_only)
+            .await?;
         if fua {
-            c.flush().await?;
-        }
-        Ok(())
-    }
-
-    async fn write_zero_buffers(&self, offset: u64, len: u64) -> io::Result<()> {
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(ZERO_CHUNK_BYTES);
-            let (_, res) = self
-                .component
-                .write(offset + done, IoBuf::zeroed(n as usize), false)
-                .await;
-            res?;
-            done += n;
+            self.backend.flush().await?;
         }
         Ok(())
     }
@@ -313,7 +286,7 @@ impl Volume {
     /// Prefetch hint.
     pub async fn cache_hint(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check(offset, len)?;
-        self.component.readahead(offset, len).await
+        self.backend.readahead(offset, len).await
     }
 
     /// Allocation map of a prefix of `[offset, offset + len)`, at most `max_extents` entries.
@@ -324,6 +297,6 @@ impl Volume {
         max_extents: usize,
     ) -> io::Result<Vec<Extent>> {
         self.check(offset, len)?;
-        self.component.extents(offset, len, max_extents).await
+        self.backend.extents(offset, len, max_extents).await
     }
 }

@@ -90,15 +90,17 @@ pub enum End {
 
 /// Runs a request inline if it is cheap, or if it is the connection's only request in flight
 /// (`alone`: then blocking here on a disk read or an `O_DIRECT` transfer gives the lowest
-/// latency, and the
-/// other connection thread is already reading the next request); otherwise hands back the
-/// buffer it has.
+/// latency, and the other connection thread is already reading the next request); otherwise
+/// hands back the buffer it has. Only a volume with a local component offers these paths.
 fn inline(
     volume: &Volume,
     req: &Request,
     payload: Option<IoBuf>,
     alone: bool,
 ) -> Result<Outcome, Option<IoBuf>> {
+    if !volume.has_local_fast_paths() {
+        return Err(payload);
+    }
     let fua = req.flags & CMD_FLAG_FUA != 0;
     let attempt = match (req.kind, payload) {
         (CMD_READ, _) => match volume.try_read(req.offset, IoBuf::with_len(req.len as usize)) {
